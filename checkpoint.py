@@ -1,0 +1,76 @@
+"""Checkpoint I/O: atomic writes, ``weights_only`` loads, and a clear refusal of the wrong checkpoint."""
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from config import UserError, check
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, config: dict,
+                    epoch: int, metrics: dict, **extra: Any) -> None:
+    """Write a checkpoint atomically (temp file in the same folder, fsync, rename).
+
+    A crash mid-write leaves the previous file at ``path`` intact.
+    """
+    state = {
+        "format_version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "num_classes": int(model.num_classes),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": dict(config),
+        "epoch": int(epoch),
+        "metrics": dict(metrics),
+        **extra,
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, architecture: str | None = None, num_classes: int | None = None) -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check it is the one expected."""
+    check(os.path.isfile(path), f"checkpoint {path!r} not found; run the training script first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path!r} is not a readable checkpoint ({first_line[:120]})") from None
+    check(isinstance(state, dict) and "format_version" in state and "model" in state,
+          f"{path!r} is not a checkpoint of this project")
+    check(state["format_version"] == FORMAT_VERSION,
+          f"{path!r} has checkpoint format {state['format_version']}, this code reads format {FORMAT_VERSION}")
+    if architecture is not None:
+        check(state["architecture"] == architecture,
+              f"{path!r} holds a {state['architecture']}, expected a {architecture}")
+    if num_classes is not None:
+        check(state["num_classes"] == num_classes,
+              f"{path!r} has {state['num_classes']} classes, expected {num_classes}")
+    return state
+
+
+def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.Module:
+    """Copy checkpoint weights into ``model``; a mismatch names the differing tensors."""
+    check(state["architecture"] == type(model).__name__,
+          f"{path} holds a {state['architecture']}, expected a {type(model).__name__}")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}") from None
+    return model

@@ -1,0 +1,213 @@
+"""Image data as uint8 tensors in memory, and the batched tensor ops that feed the models.
+
+Sources: the official CIFAR-10 python pickles (downloaded by torchvision into ``data_dir`` when missing) or
+any ImageFolder tree ``data_dir/{train,test}/<class>/<image>``. Either way a split is one ``ImageSet``: all
+images as one ``(N, 3, H, W)`` uint8 tensor plus labels. Augmentation and normalisation are batched tensor
+operations on the device; masking a data set produces just another uint8 tensor.
+"""
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import UserError, check, progress
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor          # (N, 3, H, W) uint8
+    labels: torch.Tensor          # (N,) int64 class indices, or (N, A) float 0/1 attributes
+    classes: list                 # class (or attribute) names
+    paths: list | None = None     # source file of each image, where the data has files
+    indices: torch.Tensor | None = None  # position of each image in its original split
+
+    def __post_init__(self):
+        if self.indices is None:
+            self.indices = torch.arange(len(self.images))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
+        return replace(self, images=self.images[index], labels=self.labels[index], paths=paths,
+                       indices=self.indices[index])
+
+
+# --- CIFAR-10 ------------------------------------------------------------------------------------
+
+def _read_cifar_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise UserError(f"CIFAR-10 file {path!r} is missing; delete {os.path.dirname(path)!r} and run again "
+                        "to re-download, or put a complete copy there") from None
+    except Exception as e:  # truncated or corrupt pickle: any unpickling error
+        raise UserError(f"CIFAR-10 file {path!r} is corrupt ({type(e).__name__}); delete it and put a "
+                        "fresh copy there") from None
+
+
+def _cifar_split(folder: str, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for name in files:
+        batch = _read_cifar_pickle(os.path.join(folder, name))
+        try:
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels.append(torch.as_tensor(batch["labels"], dtype=torch.int64))
+        except (KeyError, ValueError, TypeError):
+            raise UserError(f"CIFAR-10 file {os.path.join(folder, name)!r} does not hold CIFAR-10 data") from None
+        check(len(data) == len(labels[-1]), f"CIFAR-10 file {name!r} has mismatched images and labels")
+        images.append(torch.from_numpy(data.copy()))
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_cifar10(data_dir: str, download: bool = True) -> tuple[ImageSet, ImageSet]:
+    """The official CIFAR-10 (python version) from ``data_dir``; downloaded there if missing."""
+    folder = os.path.join(data_dir, CIFAR10_FOLDER)
+    if not os.path.isdir(folder):
+        archive = os.path.join(data_dir, CIFAR10_ARCHIVE)
+        try:
+            if os.path.isfile(archive):
+                from torchvision.datasets.utils import extract_archive
+                extract_archive(archive, data_dir)
+            elif download:
+                from torchvision.datasets import CIFAR10
+                CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"could not get CIFAR-10 ({reason}). Put {CIFAR10_ARCHIVE} (from "
+                f"https://www.cs.toronto.edu/~kriz/cifar.html) or its extracted folder {CIFAR10_FOLDER}/ into "
+                f"{os.path.abspath(data_dir)}/, or set --data_dir to an ImageFolder tree with train/ and test/"
+            ) from None
+        check(os.path.isdir(folder), f"no {CIFAR10_FOLDER}/ in {data_dir!r} and download is off")
+    meta = _read_cifar_pickle(os.path.join(folder, "batches.meta"))
+    classes = list(meta.get("label_names", [])) if isinstance(meta, dict) else []
+    check(len(classes) > 0, f"{os.path.join(folder, 'batches.meta')!r} has no label_names")
+    train = _cifar_split(folder, [f"data_batch_{i}" for i in range(1, 6)])
+    test = _cifar_split(folder, ["test_batch"])
+    for labels in (train[1], test[1]):
+        check(int(labels.min()) >= 0 and int(labels.max()) < len(classes), "CIFAR-10 labels out of range")
+    return ImageSet(*train, classes), ImageSet(*test, classes)
+
+
+# --- ImageFolder trees ---------------------------------------------------------------------------
+
+def _list_image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
+    check(os.path.isdir(root), f"folder {root!r} not found")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    check(len(classes) > 0, f"{root!r} has no class folders (expected {root}/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f.path for f in os.scandir(os.path.join(root, name))
+                       if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))
+        check(len(files) > 0, f"class folder {os.path.join(root, name)!r} has no images")
+        paths += files
+        labels += [label] * len(files)
+    return classes, paths, labels
+
+
+def read_images(paths: list[str], size: int | tuple[int, int], desc: str = "decoding") -> torch.Tensor:
+    """Decode image files into one (N, 3, H, W) uint8 tensor, resizing where needed (threads: PIL
+    releases the GIL while decoding)."""
+    from PIL import Image
+    height, width = (size, size) if isinstance(size, int) else size
+
+    def read(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
+        except Exception as e:
+            raise UserError(f"cannot read image {path!r} ({type(e).__name__}: {str(e)[:80]})") from None
+
+    out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for i, array in enumerate(progress(pool.map(read, paths, chunksize=256), total=len(paths), desc=desc)):
+            out[i] = array
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(data_dir: str, image_size: int = 32) -> tuple[ImageSet, ImageSet]:
+    """An ImageFolder tree ``data_dir/{train,test}/<class>/*``; images resized to image_size."""
+    splits = []
+    for split in ("train", "test"):
+        classes, paths, labels = _list_image_folder(os.path.join(data_dir, split))
+        images = read_images(paths, image_size, desc=f"decoding {split}")
+        splits.append(ImageSet(images, torch.tensor(labels), classes, paths))
+    check(splits[0].classes == splits[1].classes,
+          f"train and test class folders differ in {data_dir!r}: {splits[0].classes} vs {splits[1].classes}")
+    return splits[0], splits[1]
+
+
+def load_classification_data(data_dir: str, image_size: int = 32) -> tuple[ImageSet, ImageSet]:
+    """ImageFolder when ``data_dir`` has train/ and test/, else CIFAR-10 (downloaded when missing)."""
+    if os.path.isdir(os.path.join(data_dir, "train")) or os.path.isdir(os.path.join(data_dir, "test")):
+        return load_image_folder(data_dir, image_size)
+    train, test = load_cifar10(data_dir)
+    check(image_size == 32, "CIFAR-10 images are 32x32; set image_size=32")
+    return train, test
+
+
+def split_validation(train: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """Hold out ``val_size`` random training images (fixed by ``seed``) for model and threshold selection."""
+    if val_size == 0:
+        return train, None
+    check(0 < val_size < len(train), f"val_size={val_size} must be below the {len(train)} training images")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[val_size:].sort().values), train.subset(order[:val_size].sort().values)
+
+
+# --- batched tensor ops --------------------------------------------------------------------------
+
+def normalize(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+def augment_flip_crop(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random crops after reflect padding, for a whole batch at once."""
+    n, _, height, width = images.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    flip, shifts = flip.to(images.device), shifts.to(images.device)
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    if padding == 0:
+        return images
+    padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
+    rows = shifts[0].view(-1, 1) + torch.arange(height, device=images.device)  # (B, H)
+    cols = shifts[1].view(-1, 1) + torch.arange(width, device=images.device)   # (B, W)
+    batch = torch.arange(n, device=images.device).view(-1, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Index batches: a ``randperm`` shuffle when a generator is given, else in order."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+def experiment_data(config: dict) -> tuple[ImageSet, ImageSet | None, ImageSet]:
+    """train, validation and test sets of a VGG run, rebuilt identically from a run's config
+    (so evaluation reads the split from the checkpoint instead of retyped flags)."""
+    train, test = load_classification_data(config["data_dir"], config.get("image_size", 32))
+    if config.get("dry_run"):  # a few hundred images: checks the whole pipeline in seconds
+        pick = torch.Generator().manual_seed(config["seed"])
+        train = train.subset(torch.randperm(len(train), generator=pick)[:512].sort().values)
+        test = test.subset(torch.randperm(len(test), generator=pick)[:256].sort().values)
+    val_size = min(config["val_size"], len(train) // 10) if config.get("dry_run") else config["val_size"]
+    train, val = split_validation(train, val_size, config["seed"])
+    return train, val, test

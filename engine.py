@@ -1,0 +1,74 @@
+"""The training and inference loops every script shares: ``train_epoch`` and ``predict``."""
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import UserError, progress
+from data import augment_flip_crop, batch_order, normalize
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Correct predictions: argmax for class labels; for 0/1 attribute labels, correct attributes / A."""
+    if labels.is_floating_point():
+        return ((logits > 0) == (labels > 0.5)).float().mean(1).sum().item()
+    return (logits.argmax(1) == labels).sum().item()
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                *, batch_size: int, device: torch.device, generator: torch.Generator, mean: tuple, std: tuple,
+                augment: bool = True, loss_fn: Callable = F.cross_entropy,
+                lr_schedule: Callable[[float], float] | None = None, epoch: int = 0,
+                desc: str = "train") -> dict:
+    """One epoch over uint8 ``images`` in ``randperm`` order (from ``generator``), batched augmentation.
+
+    ``lr_schedule(progress)`` gives the learning rate at a fractional epoch count. A non-finite loss stops
+    the run with a UserError (the caller's checkpoints stay as they were).
+    """
+    model.train()
+    start = time.time()
+    batches = batch_order(len(images), batch_size, generator)
+    total_loss, total_correct, seen = 0.0, 0.0, 0
+    bar = progress(batches, desc=desc)
+    for step, index in enumerate(bar):
+        if lr_schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule(epoch + step / len(batches))
+        x = images[index.to(images.device)]
+        if augment:
+            x = augment_flip_crop(x, generator)
+        x = normalize(x.to(device, non_blocking=True), mean, std)
+        y = labels[index.to(labels.device)].to(device, non_blocking=True)
+        logits, _ = model(x)
+        loss = loss_fn(logits, y)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"{desc}: loss became {loss.item()} at step {step} of epoch {epoch + 1}; lower the "
+                            "learning rate (checkpoints already written are untouched)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        total_correct += count_correct(logits.detach(), y)
+        seen += len(index)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
+    return {"loss": total_loss / seen, "train_accuracy": total_correct / seen, "seconds": time.time() - start}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device, mean: tuple,
+            std: tuple, desc: str = "predict") -> torch.Tensor:
+    """Logits for every image, in order, as a float CPU tensor (N, C)."""
+    model.eval()
+    outputs = []
+    for index in progress(batch_order(len(images), batch_size, None), desc=desc):
+        x = normalize(images[index.to(images.device)].to(device, non_blocking=True), mean, std)
+        outputs.append(model(x)[0].float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return count_correct(logits, labels.to(logits.device)) / max(len(labels), 1)
