@@ -74,3 +74,26 @@ def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.
     except RuntimeError as e:
         raise UserError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}") from None
     return model
+
+
+# The models a MaskTune run writes, as ``{prefix}_{name}.pt``, and how results name them.
+RUN_MODELS = {"initial": "ERM", "finetuned": "MaskTune", "nomask": "no-mask control", "randommask": "random-mask control"}
+
+
+def load_run(checkpoint_dir: str, prefix: str, build, device: torch.device) -> tuple[dict, dict]:
+    """Load a run's models (ERM and MaskTune required, controls when present): ({name: model}, {name: state}).
+
+    ``build(state)`` makes an empty model of the right shape from a checkpoint's contents.
+    """
+    models, states = {}, {}
+    for name in RUN_MODELS:
+        path = os.path.join(checkpoint_dir, f"{prefix}_{name}.pt")
+        if name in ("nomask", "randommask") and not os.path.exists(path):
+            continue
+        states[name] = load_checkpoint(path)
+        models[name] = load_weights(build(states[name]), states[name], path).to(device).eval()
+    for name in ("nomask", "randommask"):
+        if name in states:
+            check(states[name]["config"] == states["finetuned"]["config"],
+                  f"{prefix}_{name}.pt comes from another run than {prefix}_finetuned.pt")
+    return models, states

@@ -30,6 +30,13 @@ class VGGWithAttention(nn.Module):
         self.fc1 = nn.Linear(128 * 4 * 4, 512)
         self.fc2 = nn.Linear(512, 256)
         self.fc3 = nn.Linear(256, num_classes)
+        # He initialisation: with PyTorch's default init this 9-layer ReLU net without normalisation starts
+        # with vanishing signals and sits at loss 2.303 for thousands of steps (the report's Table 1).
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.fc3.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.pool(F.relu(self.conv2(F.relu(self.conv1(x)))))

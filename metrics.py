@@ -1,0 +1,124 @@
+"""Metrics shared by the evaluation scripts: accuracies, group metrics, selective classification,
+risk-coverage curves, and mean +/- std over seeds. Inputs are plain tensors; outputs plain floats."""
+import math
+
+import torch
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy within each true class (nan for a class with no samples)."""
+    out = []
+    for c in range(num_classes):
+        in_class = labels == c
+        n = int(in_class.sum())
+        out.append((predictions[in_class] == c).float().mean().item() if n else float("nan"))
+    return out
+
+
+def group_accuracy(correct: torch.Tensor, groups: list) -> dict:
+    """Accuracy per group, their plain average, and the worst group (min over groups)."""
+    per_group = {}
+    for g in sorted(set(groups), key=str):
+        index = torch.tensor([x == g for x in groups])
+        per_group[str(g)] = correct[index].float().mean().item()
+    return {"per_group": per_group, "group_count": {str(g): groups.count(g) for g in sorted(set(groups), key=str)},
+            "average_group_accuracy": sum(per_group.values()) / max(len(per_group), 1),
+            "worst_group_accuracy": min(per_group.values()) if per_group else float("nan"),
+            "worst_group": min(per_group, key=per_group.get) if per_group else None}
+
+
+def agreement_rule(pred_initial: torch.Tensor, pred_finetuned: torch.Tensor, conf_finetuned: torch.Tensor,
+                   labels: torch.Tensor, threshold: float, class_weights: torch.Tensor) -> dict:
+    """The report's selective rule: accept when both models predict the same class and the fine-tuned
+    model's confidence >= threshold * weight[predicted class].
+
+    Rates are over ALL samples (disagreements count as rejections). ``report_*`` repeat the report's own
+    definitions for comparison: its rejection rate counted only samples on which the models agreed.
+    """
+    n = len(labels)
+    agree = pred_initial == pred_finetuned
+    confident = conf_finetuned >= threshold * class_weights[pred_finetuned]
+    accepted = agree & confident
+    correct = pred_finetuned == labels
+    n_acc, n_agree = int(accepted.sum()), int(agree.sum())
+    return {
+        "accuracy_on_accepted": correct[accepted].float().mean().item() if n_acc else float("nan"),
+        "coverage": n_acc / n,
+        "rejection_rate": 1 - n_acc / n,
+        "agreement_rate": n_agree / n,
+        "accepted": n_acc, "total": n,
+        "report_rejection_rate": (n_agree - n_acc) / n_agree if n_agree else float("nan"),
+    }
+
+
+def risk_coverage(scores: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage and risk (error on accepted) when accepting every sample with score >= each distinct score.
+
+    Tied scores are accepted together, so the curve does not depend on the order of ties.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, errors = scores[order], (~correct[order].bool()).float()
+    cum_errors = errors.cumsum(0)
+    last_of_tie = torch.ones(len(s), dtype=torch.bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]
+    count = torch.arange(1, len(s) + 1, dtype=torch.float)[last_of_tie]
+    return count / len(s), cum_errors[last_of_tie] / count
+
+
+def aurc(scores: torch.Tensor, correct: torch.Tensor) -> float:
+    """Area under the risk-coverage curve: mean over samples of the risk at that sample's own score
+    (Geifman et al.'s definition, with tied samples sharing the risk of their tie group)."""
+    coverage, risk = risk_coverage(scores, correct)
+    counts = torch.diff(torch.cat([torch.zeros(1), coverage * len(scores)]))
+    return (risk * counts).sum().item() / len(scores)
+
+
+def oracle_risk_coverage(correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best possible ordering (all correct samples first): coverage, risk and AURC."""
+    n, n_correct = len(correct), int(correct.sum())
+    k = torch.arange(1, n + 1, dtype=torch.float)
+    risk = (k - n_correct).clamp_min(0) / k
+    return k / n, risk, risk.mean().item()
+
+
+def threshold_for_coverage(scores: torch.Tensor, target: float) -> float:
+    """The largest threshold t with fraction(scores >= t) >= target (-inf for a target of 1)."""
+    if target >= 1:
+        return float("-inf")
+    k = max(1, math.ceil(target * len(scores)))
+    return torch.sort(scores, descending=True).values[k - 1].item()
+
+
+def selective_at_threshold(scores: torch.Tensor, correct: torch.Tensor, threshold: float) -> dict:
+    accepted = scores >= threshold
+    n_acc = int(accepted.sum())
+    return {"coverage": n_acc / len(scores),
+            "accuracy_on_accepted": correct[accepted].float().mean().item() if n_acc else float("nan")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def classification_scorers(logits_initial: torch.Tensor, logits_tuned: torch.Tensor, class_weights: torch.Tensor,
+                           tuned_name: str = "MaskTune") -> dict:
+    """Selective-classification scorers for single-label logits: {name: (scores, predictions)}.
+
+    agreement rule: agreements first, ranked by the tuned model's confidence / class weight (accepting
+                    scores >= 1 + t is exactly the report's rule at threshold t)
+    paper score:    max of softmax(softmax(z_erm) * softmax(z_tuned)), predicting its argmax
+    SR <model>:     softmax response (max probability) of one model alone
+    """
+    p_initial, p_tuned = logits_initial.softmax(1), logits_tuned.softmax(1)
+    conf_tuned, pred_tuned = p_tuned.max(1)
+    agree = (p_initial.argmax(1) == pred_tuned).float()
+    combined = (p_initial * p_tuned).softmax(1)
+    return {
+        f"agreement rule (ERM + {tuned_name})": (agree * 1e3 + conf_tuned / class_weights[pred_tuned], pred_tuned),
+        f"paper score (ERM x {tuned_name})": tuple(combined.max(1)),
+        f"SR {tuned_name}": (conf_tuned, pred_tuned),
+    }

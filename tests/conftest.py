@@ -1,0 +1,87 @@
+"""Tiny synthetic data sets in the real on-disk formats, written to temporary folders (never the network)."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PATCH = 8  # side of the planted square
+
+
+def planted_images(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Dim noise images whose class is decided only by where a bright square sits.
+
+    Class c puts an 8x8 white square at one of 10 fixed places (the planted feature); returns uint8 (N, 3, H, W).
+    """
+    images = rng.integers(0, 60, size=(len(labels), 3, size, size), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        row, col = patch_corner(int(c), size)
+        images[i, :, row:row + PATCH, col:col + PATCH] = 255
+    return images
+
+
+def patch_corner(label: int, size: int = 32) -> tuple[int, int]:
+    spots = [(r, c) for r in (0, 12, 24) for c in (0, 12, 24)] + [(12, 4)]
+    row, col = spots[label % len(spots)]
+    return min(row, size - PATCH), min(col, size - PATCH)
+
+
+def write_cifar_pickles(root: str, n_train: int = 300, n_test: int = 100, seed: int = 0) -> str:
+    """CIFAR-10 python layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    train_labels = np.arange(n_train) % 10
+    rng.shuffle(train_labels)
+    train = planted_images(train_labels, rng)
+    for b, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        with open(os.path.join(folder, f"data_batch_{b}"), "wb") as f:
+            pickle.dump({"data": train[part].reshape(len(part), -1), "labels": train_labels[part].tolist(),
+                         "batch_label": f"training batch {b} of 5"}, f)
+    test_labels = np.arange(n_test) % 10
+    with open(os.path.join(folder, "test_batch"), "wb") as f:
+        pickle.dump({"data": planted_images(test_labels, rng).reshape(n_test, -1), "labels": test_labels.tolist()}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f)
+    return root
+
+
+def write_image_folder(root: str, classes: list[str] = ("cat", "dog", "frog"), per_class: int = 40,
+                       per_class_test: int = 12, seed: int = 0, ext: str = "png") -> str:
+    """ImageFolder layout: root/{train,test}/<class>/<n>.<ext>."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("test", per_class_test)):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            images = planted_images(np.full(count, c), rng)
+            for i, image in enumerate(images):
+                Image.fromarray(image.transpose(1, 2, 0)).save(os.path.join(root, split, name, f"{i:04d}.{ext}"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> str:
+    return write_cifar_pickles(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def folder_dir(tmp_path_factory) -> str:
+    return write_image_folder(str(tmp_path_factory.mktemp("imagefolder")))
+
+
+def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would; return the finished process."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
