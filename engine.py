@@ -1,4 +1,5 @@
 """The training and inference loops every script shares: ``train_epoch`` and ``predict``."""
+import hashlib
 import math
 import time
 from typing import Callable
@@ -31,12 +32,14 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     model.train()
     start = time.time()
     batches = batch_order(len(images), batch_size, generator)
+    order_hash = hashlib.sha1()
     total_loss, total_correct, seen = 0.0, 0.0, 0
     bar = progress(batches, desc=desc)
     for step, index in enumerate(bar):
         if lr_schedule is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule(epoch + step / len(batches))
+        order_hash.update(index.numpy().tobytes())
         x = images[index.to(images.device)]
         if augment:
             x = augment_flip_crop(x, generator)
@@ -55,7 +58,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
         seen += len(index)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
-    return {"loss": total_loss / seen, "train_accuracy": total_correct / seen, "seconds": time.time() - start}
+    return {"loss": total_loss / seen, "train_accuracy": total_correct / seen, "seconds": time.time() - start,
+            "batch_order_sha1": order_hash.hexdigest()}
 
 
 @torch.no_grad()
@@ -72,3 +76,12 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return count_correct(logits, labels.to(logits.device)) / max(len(labels), 1)
+
+
+def weights_sha1(model: nn.Module) -> str:
+    """Fingerprint of a model's weights (to show that runs started from the same ones)."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

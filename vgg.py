@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import experiment_data
-from engine import accuracy, predict, train_epoch
+from engine import accuracy, predict, train_epoch, weights_sha1
 from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 from data import normalize
@@ -133,10 +133,11 @@ masked_fraction = masks.float().mean().item()
 mask_seconds = time.time() - mask_start
 print(f"masking ({masking}): {100 * masked_fraction:.2f}% of training pixels masked on average, "
       f"{mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)")
-variants = {"finetuned": apply_masks(train_images, masks, masked_pixel_scale)}
-if controls:
-    variants["nomask"] = train_images
-    variants["randommask"] = apply_masks(train_images, random_masks_like(masks, generator), masked_pixel_scale)
+masks_of = {"finetuned": masks}
+if controls:  # same fine-tune without masks, and with as many pixels per image masked at random places
+    masks_of["nomask"] = torch.zeros_like(masks)
+    masks_of["randommask"] = random_masks_like(masks, generator)
+variants = {name: apply_masks(train_images, m, masked_pixel_scale) for name, m in masks_of.items()}
 
 examples = torch.arange(min(8, len(train_images)))
 heatmaps, _ = saliency_mask(model, normalize(train_images[examples].to(device_), **norm), masking,
@@ -151,13 +152,15 @@ for name, images in variants.items():
     optimizer.load_state_dict(erm_state["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = finetune_learning_rate
+    start_sha1 = weights_sha1(model)
     data_order = torch.Generator().manual_seed(seed + 1)  # identical batches for MaskTune and its controls
     for epoch in range(finetune_epochs):
         stats = train_epoch(model, optimizer, images, train_labels, batch_size=batch_size, device=device_,
                             generator=data_order, augment=augment, desc=f"fine-tune {name}", **norm)
         stats.update(evaluate(model))
         print(summary(f"fine-tune {name} epoch {epoch + 1}/{finetune_epochs}", stats))
-    stats["masked_fraction"] = masked_fraction if name != "nomask" else 0.0
+    stats["masked_fraction"] = masks_of[name].float().mean().item()
+    stats["start_weights_sha1"] = start_sha1
     save_checkpoint(os.path.join(checkpoint_dir, f"vgg_{name}.pt"), model, optimizer, config,
                     erm_state["epoch"] + finetune_epochs, stats, stage=f"finetune-{name}")
     results[name] = stats

@@ -37,10 +37,18 @@ def test_vgg_writes_reloadable_checkpoints_and_figures(vgg_run):
     assert "pixels masked on average" in vgg_run["stdout"]
 
 
-def test_controls_start_from_the_erm_weights(vgg_run):
-    states = {n: load_checkpoint(os.path.join(vgg_run["ckpt"], f"vgg_{n}.pt")) for n in ("initial", "finetuned", "nomask")}
-    assert states["finetuned"]["epoch"] == states["nomask"]["epoch"] == states["initial"]["epoch"] + 1
+def test_controls_differ_from_masktune_only_in_the_masks(vgg_run):
+    names = ("finetuned", "nomask", "randommask")
+    states = {n: load_checkpoint(os.path.join(vgg_run["ckpt"], f"vgg_{n}.pt")) for n in ("initial", *names)}
+    erm = load_weights(VGGWithAttention(states["initial"]["num_classes"]), states["initial"])
+    from engine import weights_sha1
+    for n in names:  # same starting weights, same batches in the same order, one more epoch
+        assert states[n]["metrics"]["start_weights_sha1"] == weights_sha1(erm)
+        assert states[n]["metrics"]["batch_order_sha1"] == states["finetuned"]["metrics"]["batch_order_sha1"]
+        assert states[n]["epoch"] == states["initial"]["epoch"] + 1
     assert states["nomask"]["metrics"]["masked_fraction"] == 0.0
+    assert states["randommask"]["metrics"]["masked_fraction"] == states["finetuned"]["metrics"]["masked_fraction"] > 0
+    assert not torch.equal(states["finetuned"]["model"]["fc3.weight"], states["nomask"]["model"]["fc3.weight"])
 
 
 def test_evaluate_vgg(vgg_run):
