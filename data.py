@@ -28,6 +28,7 @@ class ImageSet:
     classes: list                 # class (or attribute) names
     paths: list | None = None     # source file of each image, where the data has files
     indices: torch.Tensor | None = None  # position of each image in its original split
+    patch_class: torch.Tensor | None = None  # spurious patch: the class whose colour it has, -1 for none
 
     def __post_init__(self):
         if self.indices is None:
@@ -39,7 +40,8 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> "ImageSet":
         paths = [self.paths[i] for i in index.tolist()] if self.paths is not None else None
         return replace(self, images=self.images[index], labels=self.labels[index], paths=paths,
-                       indices=self.indices[index])
+                       indices=self.indices[index],
+                       patch_class=self.patch_class[index] if self.patch_class is not None else None)
 
 
 # --- CIFAR-10 ------------------------------------------------------------------------------------
@@ -200,6 +202,61 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator | None) -> l
     return list(order.split(batch_size))
 
 
+# --- spurious patch benchmark --------------------------------------------------------------------
+
+SPURIOUS_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def patch_palette(num_classes: int) -> torch.Tensor:
+    """One saturated colour per class (hues evenly spaced): uint8 (C, 3)."""
+    import colorsys
+    return torch.tensor([[round(255 * v) for v in colorsys.hsv_to_rgb(c / num_classes, 1.0, 1.0)]
+                         for c in range(num_classes)], dtype=torch.uint8)
+
+
+def stamp_patches(images: torch.Tensor, patch_class: torch.Tensor, size: int, position: str) -> torch.Tensor:
+    """Copy of ``images`` with a solid ``size`` x ``size`` square of colour ``patch_class`` (none where -1)."""
+    check(position in SPURIOUS_POSITIONS, f"unknown spurious_position {position!r}; use one of {SPURIOUS_POSITIONS}")
+    height, width = images.shape[-2:]
+    check(0 < size <= min(height, width), f"spurious_patch_size must be between 1 and {min(height, width)}")
+    row = 0 if position.startswith("top") else height - size
+    col = 0 if position.endswith("left") else width - size
+    out = images.clone()
+    stamped = patch_class >= 0
+    colours = patch_palette(int(patch_class.max()) + 1 if stamped.any() else 1)
+    out[stamped, :, row:row + size, col:col + size] = colours[patch_class[stamped]].view(-1, 3, 1, 1).to(out.device)
+    return out
+
+
+def spurious_training_classes(labels: torch.Tensor, num_classes: int, ratio: float, conflicting: str,
+                              generator: torch.Generator) -> torch.Tensor:
+    """Patch colour of each training image: exactly round(ratio * n_c) images of each class c get colour c,
+    the others another class's colour (``conflicting = "other"``) or no patch (``"none"``)."""
+    check(conflicting in ("other", "none"), f"spurious_conflicting must be 'other' or 'none', got {conflicting!r}")
+    patch_class = torch.full_like(labels, -1)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        aligned = round(ratio * len(members))
+        patch_class[members[:aligned]] = c
+        rest = members[aligned:]
+        if conflicting == "other" and len(rest):
+            patch_class[rest] = (c + torch.randint(1, num_classes, (len(rest),), generator=generator)) % num_classes
+    return patch_class
+
+
+def spurious_test_sets(test: ImageSet, config: dict) -> dict[str, ImageSet]:
+    """clean (no patch), aligned (patch of the true class), conflicting (patch of another class)."""
+    num_classes = len(test.classes)
+    generator = torch.Generator().manual_seed(config["seed"] + 1000)
+    classes = {"clean": torch.full_like(test.labels, -1), "aligned": test.labels.clone(),
+               "conflicting": (test.labels + torch.randint(1, num_classes, test.labels.shape, generator=generator))
+               % num_classes}
+    size, position = config["spurious_patch_size"], config["spurious_position"]
+    return {name: replace(test, images=stamp_patches(test.images, c, size, position) if name != "clean"
+                          else test.images, patch_class=c) for name, c in classes.items()}
+
+
 def experiment_data(config: dict) -> tuple[ImageSet, ImageSet | None, ImageSet]:
     """train, validation and test sets of a VGG run, rebuilt identically from a run's config
     (so evaluation reads the split from the checkpoint instead of retyped flags)."""
@@ -209,5 +266,28 @@ def experiment_data(config: dict) -> tuple[ImageSet, ImageSet | None, ImageSet]:
         train = train.subset(torch.randperm(len(train), generator=pick)[:512].sort().values)
         test = test.subset(torch.randperm(len(test), generator=pick)[:256].sort().values)
     val_size = min(config["val_size"], len(train) // 10) if config.get("dry_run") else config["val_size"]
+    if config.get("spurious_ratio", 0) > 0:  # the shortcut is planted before the split: validation is biased too
+        check(config["spurious_ratio"] <= 1, "spurious_ratio must be in [0, 1]")
+        patch_class = spurious_training_classes(train.labels, len(train.classes), config["spurious_ratio"],
+                                                config["spurious_conflicting"],
+                                                torch.Generator().manual_seed(config["seed"] + 999))
+        train = replace(train, images=stamp_patches(train.images, patch_class, config["spurious_patch_size"],
+                                                    config["spurious_position"]), patch_class=patch_class)
     train, val = split_validation(train, val_size, config["seed"])
     return train, val, test
+
+
+def read_group_csv(path: str, column: str, images: ImageSet, data_dir: str) -> list[str]:
+    """Group label of each image from a CSV with a ``path`` column (absolute, or relative to data_dir)."""
+    import csv
+    check(images.paths is not None, "group_csv needs an ImageFolder data set (images with file paths)")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise UserError(f"cannot read group_csv {path!r}: {e.strerror}") from None
+    check(rows and "path" in rows[0] and column in rows[0], f"group_csv {path!r} needs columns 'path' and {column!r}")
+    by_path = {os.path.normpath(os.path.join(data_dir, r["path"])): r[column] for r in rows}
+    missing = [p for p in images.paths if os.path.normpath(p) not in by_path]
+    check(not missing, f"group_csv {path!r} has no row for {len(missing)} test images, e.g. {missing[0]!r}")
+    return [by_path[os.path.normpath(p)] for p in images.paths]

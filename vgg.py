@@ -2,6 +2,7 @@
 
 Stages:
   1. ERM training                        -> checkpoints/vgg_initial.pt (best validation epoch)
+     (or, with `erm_checkpoint`, an existing ERM model trained on the same data)
   2. masking the training set ONCE with the frozen ERM model (strategy: `masking`)
   3. fine-tuning the ERM weights and optimizer state on the masked set -> checkpoints/vgg_finetuned.pt
      and, with `controls`, the same fine-tune without masks and with random masks of the same size
@@ -12,6 +13,8 @@ Figures (masks, training curves) and a summary JSON go to `out_dir`.
     python vgg.py --masking=attention --seed=1     # override any variable below as --name=value
     python vgg.py --data_dir=/path/to/imagefolder  # train/<class>/*.jpg and test/<class>/*.jpg
     python vgg.py --dry_run=True                   # a few hundred images, to check the set-up
+    python vgg.py --spurious_ratio=0.95            # plant a class-coloured patch: does MaskTune remove it?
+    python vgg.py --masking=attention --erm_checkpoint=checkpoints/vgg_initial.pt --checkpoint_dir=checkpoints/att
 """
 import json
 import os
@@ -37,6 +40,11 @@ device = "auto"                # auto = cuda, then mps, then cpu
 seed = 0                       # seeds the validation split, initialisation, data order and augmentation
 val_size = 5000                # training images held out to pick the best ERM epoch (and selective thresholds)
 dry_run = False                # use 512 training and 256 test images: checks the pipeline in seconds
+# spurious patch benchmark (0 = plain data): a class-coloured square on spurious_ratio of each class
+spurious_ratio = 0.0           # e.g. 0.95: 95% of each class's training images carry their class's colour
+spurious_patch_size = 4        # side of the square, in pixels
+spurious_position = "top_left"  # top_left, top_right, bottom_left or bottom_right
+spurious_conflicting = "other"  # the other training images: "other" class's colour, or "none"
 # ERM training
 batch_size = 128               # the report used 4; 128 reaches higher accuracy in a fraction of the time
 num_epochs = 12                # ERM epochs
@@ -55,8 +63,11 @@ masked_pixel_scale = 0.0       # masked pixels are multiplied by this (0 = black
 finetune_epochs = 1            # MaskTune fine-tunes for a single epoch
 finetune_learning_rate = 0.01  # constant learning rate of the fine-tuning epoch(s)
 controls = True                # also fine-tune without masks and with random masks (same everything else)
+erm_checkpoint = ""            # a vgg_initial.pt to start from instead of training ERM (same data settings)
 
 config = configure(globals())
+DATA_KEYS = ("data_dir", "seed", "val_size", "dry_run", "spurious_ratio", "spurious_patch_size",
+             "spurious_position", "spurious_conflicting")  # what an ERM model must share with this run
 check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
 check(num_epochs > 0 and finetune_epochs > 0, "num_epochs and finetune_epochs must be positive")
 check(learning_rate > 0 and finetune_learning_rate > 0, "learning rates must be positive")
@@ -104,22 +115,35 @@ def erm_schedule(progress: float) -> float:
 
 
 initial_path = os.path.join(checkpoint_dir, "vgg_initial.pt")
-history, best = [], -1.0
 erm_start = time.time()
-for epoch in range(num_epochs):
-    stats = train_epoch(model, optimizer, train_images, train_labels, batch_size=batch_size, device=device_,
-                        generator=generator, augment=augment, lr_schedule=erm_schedule, epoch=epoch,
-                        desc=f"ERM epoch {epoch + 1}/{num_epochs}", **norm)
-    stats.update(evaluate(model))
-    history.append({"epoch": epoch + 1, **stats})
-    print(summary(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
-    score = stats.get("val_accuracy", stats["test_accuracy"])
-    if score > best:  # keep the best validation epoch (the paper masks with it)
-        best = score
-        save_checkpoint(initial_path, model, optimizer, config, epoch + 1, {**stats, "history": history},
+if erm_checkpoint:  # reuse a trained ERM model (e.g. to compare masking strategies on the same one)
+    reused = load_checkpoint(erm_checkpoint, "VGGWithAttention", num_classes)
+    differing = [k for k in DATA_KEYS if reused["config"].get(k) != config.get(k)]
+    check(not differing, f"erm_checkpoint {erm_checkpoint!r} was trained with other data settings: "
+          + ", ".join(f"{k}={reused['config'].get(k)!r}" for k in differing))
+    load_weights(model, reused, erm_checkpoint)
+    check(reused["optimizer"] is not None, f"erm_checkpoint {erm_checkpoint!r} has no optimizer state")
+    optimizer.load_state_dict(reused["optimizer"])
+    if os.path.abspath(erm_checkpoint) != os.path.abspath(initial_path):  # evaluation finds it beside the others
+        save_checkpoint(initial_path, model, optimizer, reused["config"], reused["epoch"], reused["metrics"],
                         stage="erm")
+    print(f"ERM: reusing {erm_checkpoint} (epoch {reused['epoch']})")
+else:
+    history, best = [], -1.0
+    for epoch in range(num_epochs):
+        stats = train_epoch(model, optimizer, train_images, train_labels, batch_size=batch_size, device=device_,
+                            generator=generator, augment=augment, lr_schedule=erm_schedule, epoch=epoch,
+                            desc=f"ERM epoch {epoch + 1}/{num_epochs}", **norm)
+        stats.update(evaluate(model))
+        history.append({"epoch": epoch + 1, **stats})
+        print(summary(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
+        score = stats.get("val_accuracy", stats["test_accuracy"])
+        if score > best:  # keep the best validation epoch (the paper masks with it)
+            best = score
+            save_checkpoint(initial_path, model, optimizer, config, epoch + 1, {**stats, "history": history},
+                            stage="erm")
+    save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
-save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 
 # 2. masking the training set once, with the frozen best ERM model -------------------------------
 erm_state = load_checkpoint(initial_path, "VGGWithAttention", num_classes)
@@ -139,7 +163,7 @@ if controls:  # same fine-tune without masks, and with as many pixels per image 
     masks_of["randommask"] = random_masks_like(masks, generator)
 variants = {name: apply_masks(train_images, m, masked_pixel_scale) for name, m in masks_of.items()}
 
-examples = torch.arange(min(8, len(train_images)))
+examples = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:8]  # varied classes
 heatmaps, _ = saliency_mask(model, normalize(train_images[examples].to(device_), **norm), masking,
                             attention_quantile, mask_std)
 save_mask_grid(os.path.join(out_dir, "masks.png"), train_images[examples], heatmaps.detach(),

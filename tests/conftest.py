@@ -33,8 +33,15 @@ def patch_corner(label: int, size: int = 32) -> tuple[int, int]:
     return min(row, size - PATCH), min(col, size - PATCH)
 
 
-def write_cifar_pickles(root: str, n_train: int = 300, n_test: int = 100, seed: int = 0) -> str:
+def noise_images(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Images with no class information at all (uniform noise)."""
+    return rng.integers(0, 256, size=(len(labels), 3, size, size), dtype=np.uint8)
+
+
+def write_cifar_pickles(root: str, n_train: int = 300, n_test: int = 100, seed: int = 0,
+                        make_images=planted_images) -> str:
     """CIFAR-10 python layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+    planted_images = make_images
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
