@@ -6,6 +6,8 @@ folder (checkpoint_dir/seed<N>, out_dir/seed<N>); finished seeds are reused when
 
     python run_seeds.py                                         # seeds 0, 1, 2 with vgg.py's defaults
     python run_seeds.py --seeds=[0,1,2,3,4] --vgg_args="--masking=attention --data_dir=/data/cifar10-jpg"
+    # the same ERM models, masked with another strategy:
+    python run_seeds.py --vgg_args="--masking=attention" --erm_from=checkpoints/seeds --checkpoint_dir=checkpoints/seeds_att --out_dir=out/seeds_att
 
 Writes out_dir/seeds.json and out_dir/seeds.md (a Markdown table).
 """
@@ -24,6 +26,7 @@ checkpoint_dir = "checkpoints/seeds"   # each seed writes to checkpoint_dir/seed
 out_dir = "out/seeds"                  # each seed writes to out_dir/seed<N>; the summary goes here
 vgg_args = ""                          # extra --name=value arguments for vgg.py (quoted, space separated)
 skip_existing = True                   # reuse a seed whose evaluation already exists
+erm_from = ""                          # reuse the ERM models of another run_seeds checkpoint_dir (seed<N>/vgg_initial.pt)
 
 config = configure(globals())
 check(len(seeds) > 0, "seeds must not be empty")
@@ -42,8 +45,9 @@ for seed in seeds:
     ckpt, out = os.path.join(checkpoint_dir, f"seed{seed}"), os.path.join(out_dir, f"seed{seed}")
     metrics_file, selective_file = os.path.join(out, "evaluate", "metrics.json"), os.path.join(out, "selective", "selective.json")
     if not (skip_existing and os.path.exists(metrics_file) and os.path.exists(selective_file)):
+        reuse = [f"--erm_checkpoint={os.path.join(erm_from, f'seed{seed}', 'vgg_initial.pt')}"] if erm_from else []
         run("vgg.py", f"--seed={seed}", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'vgg')}",
-            *shlex.split(vgg_args))
+            *shlex.split(vgg_args), *reuse)
         run("evaluate_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'evaluate')}")
         run("selective_classification_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'selective')}")
     evaluation, selective = json.load(open(metrics_file)), json.load(open(selective_file))
@@ -51,8 +55,8 @@ for seed in seeds:
     for model, m in evaluation["models"].items():
         row[f"{model} | clean test accuracy"] = m["test_accuracy"]
         row[f"{model} | masked test accuracy"] = m["masked_test_accuracy"]
-        for group, acc in m.get("groups", {}).items():
-            row[f"{model} | {group}"] = acc
+        for key, acc in m.get("spurious", {}).items():  # spurious patch: clean/aligned/conflicting/worst group
+            row[f"{model} | {key.replace('_', ' ')}"] = acc
     for model, r in selective["report_rule"].items():
         row[f"report's rule, ERM + {model} | accuracy on accepted"] = r["accuracy_on_accepted"]
         row[f"report's rule, ERM + {model} | coverage"] = r["coverage"]
