@@ -291,3 +291,104 @@ def read_group_csv(path: str, column: str, images: ImageSet, data_dir: str) -> l
     missing = [p for p in images.paths if os.path.normpath(p) not in by_path]
     check(not missing, f"group_csv {path!r} has no row for {len(missing)} test images, e.g. {missing[0]!r}")
     return [by_path[os.path.normpath(p)] for p in images.paths]
+
+
+# --- CelebA --------------------------------------------------------------------------------------
+
+def _celeba_files(data_dir: str) -> tuple[str, str, str]:
+    """(attribute file, partition file, image folder) for the Kaggle archive or torchvision's layout."""
+    for root in (data_dir, os.path.join(data_dir, "archive"), os.path.join(data_dir, "celeba")):
+        for ext in ("csv", "txt"):
+            attributes = os.path.join(root, f"list_attr_celeba.{ext}")
+            partition = os.path.join(root, f"list_eval_partition.{ext}")
+            if os.path.isfile(attributes) and os.path.isfile(partition):
+                for images in (os.path.join(root, "img_align_celeba", "img_align_celeba"),
+                               os.path.join(root, "img_align_celeba")):
+                    if os.path.isdir(images):
+                        return attributes, partition, images
+                raise UserError(f"CelebA images not found: expected {root}/img_align_celeba/ (Kaggle: "
+                                "img_align_celeba/img_align_celeba/) with the .jpg files")
+    raise UserError(f"CelebA not found in {data_dir!r}: put the Kaggle archive there (list_attr_celeba.csv, "
+                    "list_eval_partition.csv, img_align_celeba/) or torchvision's files (list_attr_celeba.txt, "
+                    "list_eval_partition.txt, img_align_celeba/); see the README")
+
+
+def read_celeba_tables(attributes_path: str, partition_path: str) -> tuple[list[str], list[str], torch.Tensor, dict]:
+    """(image ids, attribute names, 0/1 attribute tensor (N, 40), {image id: partition 0/1/2}).
+
+    Reads the Kaggle CSVs (``image_id,<attr>...`` / ``image_id,partition``) and torchvision's TXT files
+    (a count line, a line of attribute names, then ``<id> -1 1 ...`` / ``<id> <partition>``).
+    """
+    def rows(path: str) -> list[list[str]]:
+        try:
+            with open(path) as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path!r} ({type(e).__name__})") from None
+        return [line.replace(",", " ").split() for line in lines]
+
+    attr_rows = rows(attributes_path)
+    if attributes_path.endswith(".csv"):
+        check(attr_rows and attr_rows[0][0] == "image_id", f"{attributes_path!r} should start with an image_id header")
+        names, body = attr_rows[0][1:], attr_rows[1:]
+    else:
+        check(len(attr_rows) >= 2, f"{attributes_path!r} is too short to be list_attr_celeba.txt")
+        names, body = attr_rows[1], attr_rows[2:]
+    check(len(names) > 0 and len(body) > 0, f"{attributes_path!r} lists no attributes or no images")
+    try:
+        values = torch.tensor([[int(v) for v in r[1:]] for r in body])
+    except ValueError:
+        raise UserError(f"{attributes_path!r} has a non-integer attribute value") from None
+    check(values.shape[1] == len(names), f"{attributes_path!r}: rows do not have {len(names)} attribute values")
+    check(bool(((values == 1) | (values == -1) | (values == 0)).all()), f"{attributes_path!r}: values must be -1/1")
+    partition_rows = rows(partition_path)
+    if partition_rows and partition_rows[0][0] == "image_id":
+        partition_rows = partition_rows[1:]
+    try:
+        partition = {r[0]: int(r[1]) for r in partition_rows}
+    except (IndexError, ValueError):
+        raise UserError(f"{partition_path!r} is malformed (expected '<image id> <0|1|2>' per line)") from None
+    return [r[0] for r in body], names, (values == 1).float(), partition
+
+
+def read_images_cropped(paths: list[str], size: int, desc: str) -> torch.Tensor:
+    """Resize the shorter side to ``size`` and centre-crop (torchvision's Resize + CenterCrop)."""
+    from PIL import Image
+    first = Image.open(paths[0]) if paths else None
+    check(first is not None, "no images to read")
+    width, height = first.size
+    scale = size / min(width, height)
+    resized = (max(size, round(height * scale)), max(size, round(width * scale)))
+    images = read_images(paths, resized, desc)
+    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return images[:, :, top:top + size, left:left + size].contiguous()
+
+
+def load_celeba(data_dir: str, target_attributes: list[str], spurious_attribute: str, image_size: int,
+                subset_size: int, eval_subset_size: int, seed: int) -> dict[str, ImageSet]:
+    """CelebA's official train/valid/test partitions as ImageSets with 0/1 attribute labels.
+
+    ``subset_size`` / ``eval_subset_size`` > 0 keep a random subset (fixed by ``seed``) of the training /
+    validation and test images: decoded at ``image_size`` every image is held in memory.
+    ``patch_class`` holds the spurious attribute (0/1) of each image.
+    """
+    attributes_path, partition_path, image_dir = _celeba_files(data_dir)
+    ids, names, values, partition = read_celeba_tables(attributes_path, partition_path)
+    unknown = [a for a in [*target_attributes, spurious_attribute] if a not in names]
+    check(not unknown, f"unknown CelebA attribute(s) {unknown}; known: {', '.join(names)}")
+    check(len(target_attributes) > 0, "target_attributes must name at least one attribute")
+    columns = [names.index(a) for a in target_attributes]
+    spurious = values[:, names.index(spurious_attribute)].long()
+    generator = torch.Generator().manual_seed(seed)
+    splits = {}
+    for split, code in (("train", 0), ("val", 1), ("test", 2)):
+        index = torch.tensor([i for i, image_id in enumerate(ids) if partition.get(image_id) == code], dtype=torch.long)
+        check(len(index) > 0, f"CelebA partition {split} is empty in {partition_path!r}")
+        limit = subset_size if split == "train" else eval_subset_size
+        if 0 < limit < len(index):
+            index = index[torch.randperm(len(index), generator=generator)[:limit]].sort().values
+        paths = [os.path.join(image_dir, ids[i]) for i in index.tolist()]
+        splits[split] = ImageSet(read_images_cropped(paths, image_size, f"decoding CelebA {split}"),
+                                 values[index][:, columns], list(target_attributes), paths, index,
+                                 patch_class=spurious[index])
+    return splits

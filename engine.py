@@ -85,3 +85,27 @@ def weights_sha1(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def format_stats(stage: str, stats: dict) -> str:
+    """One summary line: loss, every accuracy, seconds."""
+    parts = [f"{k.replace('_accuracy', ' acc')} {100 * v:.2f}%" for k, v in stats.items()
+             if k.endswith("accuracy") and isinstance(v, float)]
+    return f"{stage}: loss {stats['loss']:.4f}, " + ", ".join(parts) + f", {stats['seconds']:.0f}s"
+
+
+def finetune(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+             epochs: int, learning_rate: float, data_seed: int, evaluate: Callable[[nn.Module], dict],
+             desc: str, **train_kwargs) -> dict:
+    """Fine-tune ``model`` (already holding its starting weights and optimizer state) at a constant learning
+    rate. The batch order and augmentation come from ``data_seed`` alone, so MaskTune and its controls see
+    the same batches; the returned stats fingerprint both the starting weights and the batch order."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    start_sha1 = weights_sha1(model)
+    data_order = torch.Generator().manual_seed(data_seed)
+    for epoch in range(epochs):
+        stats = train_epoch(model, optimizer, images, labels, generator=data_order, desc=desc, **train_kwargs)
+        stats.update(evaluate(model))
+        print(format_stats(f"{desc} epoch {epoch + 1}/{epochs}", stats))
+    return {**stats, "start_weights_sha1": start_sha1}

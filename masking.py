@@ -31,17 +31,22 @@ def attention_saliency(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return (cam - low) / (high - low).clamp_min(1e-12)
 
 
-def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
+                      multilabel: bool = False) -> torch.Tensor:
     """XGradCAM (Fu et al. 2020) of ``targets`` (default: predicted class) for a batch: (B, H, W), >= 0.
+    For multi-label logits (``multilabel``) the explained score is the sum of the predicted labels' evidence.
 
     w_k = sum_ij(dY/dA_k * A_k) / (sum_ij A_k + eps); CAM = ReLU(sum_k w_k A_k), bilinearly upsampled.
     Each logit depends only on its own image (eval mode), so one backward pass gives every image's gradient.
     """
     with torch.enable_grad():
         logits, feature_map = model(inputs)
-        if targets is None:
-            targets = logits.argmax(1)
-        score = logits.gather(1, targets.view(-1, 1)).sum()
+        if multilabel:  # evidence for every predicted label: +logit for present, -logit for absent attributes
+            score = (logits * torch.where(logits.detach() > 0, 1.0, -1.0)).sum()
+        else:
+            if targets is None:
+                targets = logits.argmax(1)
+            score = logits.gather(1, targets.view(-1, 1)).sum()
         grads, = torch.autograd.grad(score, feature_map)
     feature_map = feature_map.detach()
     weights = (grads * feature_map).sum((2, 3)) / (feature_map.sum((2, 3)) + 1e-7)
@@ -63,22 +68,22 @@ def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
     return torch.quantile(cam.flatten(1), quantile, dim=1)
 
 
-def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str,
-                  attention_quantile: float = 0.75, num_std: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str, attention_quantile: float = 0.75,
+                  num_std: float = 2.0, multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden."""
     check(strategy in STRATEGIES, f"unknown masking strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if strategy == "attention":
         cam = attention_saliency(model, inputs)
         threshold = quantile_threshold(cam, attention_quantile)
     else:
-        cam = xgradcam_saliency(model, inputs)
+        cam = xgradcam_saliency(model, inputs, multilabel=multilabel)
         threshold = mean_std_threshold(cam, num_std)
     return cam, (cam > threshold[:, None, None]) & (cam > 0)
 
 
 def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean: tuple, std: tuple,
                   batch_size: int, device: torch.device, attention_quantile: float = 0.75,
-                  num_std: float = 2.0, desc: str = "masking") -> torch.Tensor:
+                  num_std: float = 2.0, multilabel: bool = False, desc: str = "masking") -> torch.Tensor:
     """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
@@ -86,7 +91,7 @@ def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean
     try:
         for index in progress(batch_order(len(images), batch_size, None), desc=desc):
             inputs = normalize(images[index].to(device, non_blocking=True), mean, std)
-            _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std)
+            _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)

@@ -122,3 +122,44 @@ def classification_scorers(logits_initial: torch.Tensor, logits_tuned: torch.Ten
         f"paper score (ERM x {tuned_name})": tuple(combined.max(1)),
         f"SR {tuned_name}": (conf_tuned, pred_tuned),
     }
+
+
+def attribute_metrics(predicted: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
+    """Per-attribute accuracy, precision, recall and F1 of 0/1 predictions (N, A), and their means."""
+    predicted, labels = predicted.bool(), labels.bool()
+    out = {}
+    for a, name in enumerate(names):
+        p, y = predicted[:, a], labels[:, a]
+        tp, fp, fn = (p & y).sum().item(), (p & ~y).sum().item(), (~p & y).sum().item()
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        out[name] = {"accuracy": (p == y).float().mean().item(), "precision": precision, "recall": recall,
+                     "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+    means = {f"mean_{k}": sum(m[k] for m in out.values()) / len(out) for k in ("accuracy", "precision", "recall", "f1")}
+    return {"per_attribute": out, **means}
+
+
+def attribute_group_accuracy(predicted: torch.Tensor, labels: torch.Tensor, spurious: torch.Tensor,
+                             names: list[str], spurious_name: str) -> dict:
+    """For each attribute: accuracy in the 4 groups (attribute value, spurious attribute value), worst group."""
+    out = {}
+    for a, name in enumerate(names):
+        correct = predicted[:, a].bool() == labels[:, a].bool()
+        groups = [f"{name}={int(y)},{spurious_name}={int(s)}" for y, s in zip(labels[:, a].tolist(), spurious.tolist())]
+        out[name] = group_accuracy(correct, groups)
+    return out
+
+
+def multilabel_scorers(p_initial: torch.Tensor, p_tuned: torch.Tensor, tuned_name: str = "MaskTune") -> dict:
+    """Per-(image, attribute) decision scorers from sigmoid probabilities (N, A): {name: (scores, 0/1 predictions)},
+    flattened to N * A decisions. The analogues of ``classification_scorers`` with two classes per attribute."""
+    pair_i = torch.stack([1 - p_initial, p_initial], -1)
+    pair_t = torch.stack([1 - p_tuned, p_tuned], -1)
+    conf_t, pred_t = pair_t.max(-1)
+    agree = (pair_i.argmax(-1) == pred_t).float()
+    combined = (pair_i * pair_t).softmax(-1).max(-1)
+    return {
+        f"agreement rule (ERM + {tuned_name})": ((agree * 1e3 + conf_t).flatten(), pred_t.flatten()),
+        f"paper score (ERM x {tuned_name})": (combined.values.flatten(), combined.indices.flatten()),
+        f"SR {tuned_name}": (conf_t.flatten(), pred_t.flatten()),
+    }

@@ -51,3 +51,75 @@ class VGGWithAttention(nn.Module):
 # Input normalisation the VGG was trained with (the report's: mean 0.5, std 0.5 per channel).
 VGG_MEAN = (0.5, 0.5, 0.5)
 VGG_STD = (0.5, 0.5, 0.5)
+
+
+def _torchvision_resnet50(pretrained: bool, weights_path: str = "") -> nn.Module:
+    """torchvision's ResNet50: ImageNet weights downloaded by torchvision, from a local file, or random."""
+    import torchvision
+    from config import UserError
+    if weights_path:
+        net = torchvision.models.resnet50()
+        try:
+            net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise UserError(f"cannot load ResNet50 weights from {weights_path!r} ({type(e).__name__})") from None
+        return net
+    if not pretrained:
+        return torchvision.models.resnet50()
+    try:
+        return torchvision.models.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    except Exception as e:
+        raise UserError(f"could not download the ImageNet ResNet50 weights ({type(e).__name__}); set "
+                        "--pretrained=False, or --weights_path=resnet50-0676ba61.pth (torchvision's file)") from None
+
+
+class ResNet50(nn.Module):
+    """torchvision ResNet50 with a ``num_classes`` head; forward returns (logits, layer4 feature map)."""
+
+    def __init__(self, num_classes: int, pretrained: bool = False, weights_path: str = ""):
+        super().__init__()
+        self.num_classes = num_classes
+        net = _torchvision_resnet50(pretrained, weights_path)
+        self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2,
+                                      net.layer3, net.layer4)
+        self.fc = nn.Linear(net.fc.in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        return self.fc(features.mean((2, 3))), features
+
+
+class AttentionMaskingResNet50(ResNet50):
+    """The report's fine-tuning model: a mask generator (1x1 conv over the 2048 feature channels, sigmoid)
+    multiplies the feature map before pooling.
+
+    ``from_resnet`` copies backbone AND classifier (the report's code dropped the trained classifier). The
+    generator starts at zero, so the mask is 0.5 everywhere, and the copied classifier weights are doubled
+    to compensate: fine-tuning starts exactly from the ERM model's predictions, and the sigmoid starts where
+    its gradient is largest (a mask saturated near 1 would hardly learn).
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.mask_generator = nn.Conv2d(2048, 1, kernel_size=1)
+        nn.init.zeros_(self.mask_generator.weight)
+        nn.init.zeros_(self.mask_generator.bias)
+
+    @classmethod
+    def from_resnet(cls, resnet: ResNet50) -> "AttentionMaskingResNet50":
+        model = cls(resnet.num_classes).to(next(resnet.parameters()).device)
+        model.backbone.load_state_dict(resnet.backbone.state_dict())
+        model.fc.load_state_dict(resnet.fc.state_dict())
+        with torch.no_grad():
+            model.fc.weight.mul_(2.0)  # the initial mask halves the features
+        return model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        features = features * torch.sigmoid(self.mask_generator(features))
+        return self.fc(features.mean((2, 3))), features
+
+
+# ImageNet normalisation, for the (pretrained) ResNet50.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)

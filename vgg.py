@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import experiment_data
-from engine import accuracy, predict, train_epoch, weights_sha1
+from engine import accuracy, finetune, format_stats, predict, train_epoch
 from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 from data import normalize
@@ -97,11 +97,6 @@ def evaluate(model) -> dict:
                                                  desc=name, **norm), s.labels) for name, s in eval_sets.items()}
 
 
-def summary(stage: str, stats: dict) -> str:
-    parts = [f"{k.replace('_accuracy', ' acc')} {100 * v:.2f}%" for k, v in stats.items() if k.endswith("accuracy")]
-    return f"{stage}: loss {stats['loss']:.4f}, " + ", ".join(parts) + f", {stats['seconds']:.0f}s"
-
-
 # 1. ERM ------------------------------------------------------------------------------------------
 model = VGGWithAttention(num_classes).to(device_)
 optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, nesterov=momentum > 0,
@@ -136,7 +131,7 @@ else:
                             desc=f"ERM epoch {epoch + 1}/{num_epochs}", **norm)
         stats.update(evaluate(model))
         history.append({"epoch": epoch + 1, **stats})
-        print(summary(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
+        print(format_stats(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
         score = stats.get("val_accuracy", stats["test_accuracy"])
         if score > best:  # keep the best validation epoch (the paper masks with it)
             best = score
@@ -174,17 +169,10 @@ results = {"erm": {**erm_state["metrics"], "seconds": erm_seconds}}
 for name, images in variants.items():
     load_weights(model, erm_state, initial_path)
     optimizer.load_state_dict(erm_state["optimizer"])
-    for group in optimizer.param_groups:
-        group["lr"] = finetune_learning_rate
-    start_sha1 = weights_sha1(model)
-    data_order = torch.Generator().manual_seed(seed + 1)  # identical batches for MaskTune and its controls
-    for epoch in range(finetune_epochs):
-        stats = train_epoch(model, optimizer, images, train_labels, batch_size=batch_size, device=device_,
-                            generator=data_order, augment=augment, desc=f"fine-tune {name}", **norm)
-        stats.update(evaluate(model))
-        print(summary(f"fine-tune {name} epoch {epoch + 1}/{finetune_epochs}", stats))
+    stats = finetune(model, optimizer, images, train_labels, epochs=finetune_epochs,
+                     learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
+                     desc=f"fine-tune {name}", batch_size=batch_size, device=device_, augment=augment, **norm)
     stats["masked_fraction"] = masks_of[name].float().mean().item()
-    stats["start_weights_sha1"] = start_sha1
     save_checkpoint(os.path.join(checkpoint_dir, f"vgg_{name}.pt"), model, optimizer, config,
                     erm_state["epoch"] + finetune_epochs, stats, stage=f"finetune-{name}")
     results[name] = stats

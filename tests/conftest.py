@@ -92,3 +92,50 @@ def run_script(script: str, *args: str, check: bool = True) -> subprocess.Comple
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+
+
+def write_celeba(root: str, layout: str = "kaggle", n: int = 60, seed: int = 0) -> str:
+    """A tiny CelebA: noise JPEGs (40 wide, 48 high) where Blond_Hair = 1 puts a bright square top left.
+
+    layout "kaggle": list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/img_align_celeba/*.jpg
+    layout "torchvision": celeba/list_attr_celeba.txt, celeba/list_eval_partition.txt, celeba/img_align_celeba/
+    """
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    values = rng.choice([-1, 1], size=(n, len(CELEBA_ATTRIBUTES)))
+    blond = CELEBA_ATTRIBUTES.index("Blond_Hair")
+    values[:, blond] = np.where(np.arange(n) % 2 == 0, 1, -1)
+    partition = np.array([0] * (n * 2 // 3) + [1] * (n // 6) + [2] * (n - n * 2 // 3 - n // 6))
+    ids = [f"{i + 1:06d}.jpg" for i in range(n)]
+    base = os.path.join(root, "celeba") if layout == "torchvision" else root
+    images = os.path.join(base, "img_align_celeba", "img_align_celeba") if layout == "kaggle" else \
+        os.path.join(base, "img_align_celeba")
+    os.makedirs(images, exist_ok=True)
+    for i, image_id in enumerate(ids):
+        pixels = rng.integers(0, 80, size=(48, 40, 3), dtype=np.uint8)
+        if values[i, blond] == 1:
+            pixels[4:20, 4:20] = 255
+        Image.fromarray(pixels).save(os.path.join(images, image_id), quality=95)
+    if layout == "kaggle":
+        with open(os.path.join(base, "list_attr_celeba.csv"), "w") as f:
+            f.write("image_id," + ",".join(CELEBA_ATTRIBUTES) + "\n")
+            for image_id, row in zip(ids, values):
+                f.write(image_id + "," + ",".join(map(str, row)) + "\n")
+        with open(os.path.join(base, "list_eval_partition.csv"), "w") as f:
+            f.write("image_id,partition\n" + "".join(f"{i},{p}\n" for i, p in zip(ids, partition)))
+    else:
+        with open(os.path.join(base, "list_attr_celeba.txt"), "w") as f:
+            f.write(f"{n}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n")
+            for image_id, row in zip(ids, values):
+                f.write(image_id + " " + " ".join(f"{v:2d}" for v in row) + "\n")
+        with open(os.path.join(base, "list_eval_partition.txt"), "w") as f:
+            f.write("".join(f"{i} {p}\n" for i, p in zip(ids, partition)))
+    return root
