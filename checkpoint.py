@@ -2,6 +2,7 @@
 import os
 import pickle
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -48,8 +49,13 @@ def load_checkpoint(path: str, architecture: str | None = None, num_classes: int
     """Load a checkpoint safely (``weights_only=True``) and check it is the one expected."""
     check(os.path.isfile(path), f"checkpoint {path!r} not found; run the training script first")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path!r} is not a readable checkpoint (it holds objects other than tensors and plain "
+                        "data; refused without running them)") from None
+    except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path!r} is not a readable checkpoint ({first_line[:120]})") from None
     check(isinstance(state, dict) and "format_version" in state and "model" in state,
@@ -74,6 +80,22 @@ def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.
     except RuntimeError as e:
         raise UserError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}") from None
     return model
+
+
+NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir")  # may change between a run and its resumption
+
+
+def resumable(path: str, config: dict) -> dict | None:
+    """The checkpoint at ``path`` when it belongs to this same run (to resume from), None when absent."""
+    if not os.path.exists(path):
+        return None
+    state = load_checkpoint(path)
+    theirs = {k: v for k, v in state["config"].items() if k not in NOT_RUN_SETTINGS}
+    ours = {k: v for k, v in config.items() if k not in NOT_RUN_SETTINGS}
+    differing = sorted(k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k))
+    check(not differing, f"cannot resume from {path!r}: it was written with other settings ("
+          + ", ".join(f"{k}={theirs.get(k)!r}" for k in differing) + "); use another checkpoint_dir or resume=False")
+    return state
 
 
 # The models a MaskTune run writes, as ``{prefix}_{name}.pt``, and how results name them.

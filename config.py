@@ -34,7 +34,8 @@ def _excepthook(kind, value, traceback) -> None:
         print(f"error: {value}", file=sys.stderr)
         sys.exit(1)
     if issubclass(kind, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
+        print("interrupted: every finished epoch is saved in the checkpoints; run the same command with "
+              "--resume=True to continue", file=sys.stderr)
         sys.exit(130)
     sys.__excepthook__(kind, value, traceback)
 
@@ -78,7 +79,10 @@ def configure(variables: dict, argv: list[str] | None = None) -> dict:
             for k in keys:
                 print(f"  --{k}={variables[k]!r}")
             sys.exit(0)
-        check(arg.startswith("--") and "=" in arg, f"arguments look like --name=value, got {arg!r}")
+        check(arg.startswith("--"), f"arguments look like --name=value, got {arg!r}")
+        if "=" not in arg and isinstance(variables.get(arg[2:]), bool):
+            arg += "=true"  # a bare --flag switches a bool on
+        check("=" in arg, f"arguments look like --name=value, got {arg!r}")
         name, text = arg[2:].split("=", 1)
         check(name in keys, f"unknown hyperparameter {name!r}; known: {', '.join(keys)}")
         variables[name] = parse_value(name, text, variables[name])

@@ -23,8 +23,7 @@ STRATEGIES = ("attention", "xgradcam")
 def attention_saliency(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Channel-mean attention map upsampled to the input size, min-max normalised per image: (B, H, W)."""
     with torch.no_grad():
-        _, feature_map = model(inputs)
-        cam = feature_map.mean(1, keepdim=True)
+        cam = model.features(inputs).mean(1, keepdim=True)
         cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         low = cam.amin((1, 2), keepdim=True)
         high = cam.amax((1, 2), keepdim=True)
@@ -37,10 +36,14 @@ def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     For multi-label logits (``multilabel``) the explained score is the sum of the predicted labels' evidence.
 
     w_k = sum_ij(dY/dA_k * A_k) / (sum_ij A_k + eps); CAM = ReLU(sum_k w_k A_k), bilinearly upsampled.
-    Each logit depends only on its own image (eval mode), so one backward pass gives every image's gradient.
+    Each logit depends only on its own image (eval mode), so one backward pass gives every image's gradient;
+    it only runs through the head: the trunk runs without autograd.
     """
+    with torch.no_grad():
+        feature_map = model.features(inputs)
     with torch.enable_grad():
-        logits, feature_map = model(inputs)
+        feature_map.requires_grad_(True)
+        logits = model.head(feature_map)
         if multilabel:  # evidence for every predicted label: +logit for present, -logit for absent attributes
             score = (logits * torch.where(logits.detach() > 0, 1.0, -1.0)).sum()
         else:

@@ -2,6 +2,8 @@
 
 Every model's forward returns ``(logits, feature_map)``: the feature map is the output of the last
 convolutional block, which the saliency code in ``masking.py`` explains (attention map or XGradCAM).
+``features(x)`` and ``head(feature_map)`` split the forward there, so saliency needs no gradient through
+the convolutional trunk.
 """
 import torch
 import torch.nn as nn
@@ -38,14 +40,21 @@ class VGGWithAttention(nn.Module):
                 nn.init.zeros_(layer.bias)
         nn.init.normal_(self.fc3.weight, std=0.01)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map: ReLU(conv6), (B, 128, H/4, W/4)."""
         x = self.pool(F.relu(self.conv2(F.relu(self.conv1(x)))))
         x = self.pool(F.relu(self.conv4(F.relu(self.conv3(x)))))
-        attention_map = self.attention(F.relu(self.conv6(F.relu(self.conv5(x)))))
+        return self.attention(F.relu(self.conv6(F.relu(self.conv5(x)))))
+
+    def head(self, attention_map: torch.Tensor) -> torch.Tensor:
         x = self.pool(attention_map).flatten(1)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
-        return self.fc3(x), attention_map
+        return self.fc3(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention_map = self.features(x)
+        return self.head(attention_map), attention_map
 
 
 # Input normalisation the VGG was trained with (the report's: mean 0.5, std 0.5 per channel).
@@ -84,9 +93,15 @@ class ResNet50(nn.Module):
                                       net.layer3, net.layer4)
         self.fc = nn.Linear(net.fc.in_features, num_classes)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features.mean((2, 3)))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(x)
-        return self.fc(features.mean((2, 3))), features
+        features = self.features(x)
+        return self.head(features), features
 
 
 class AttentionMaskingResNet50(ResNet50):
@@ -114,10 +129,8 @@ class AttentionMaskingResNet50(ResNet50):
             model.fc.weight.mul_(2.0)  # the initial mask halves the features
         return model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone(x)
-        features = features * torch.sigmoid(self.mask_generator(features))
-        return self.fc(features.mean((2, 3))), features
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc((features * torch.sigmoid(self.mask_generator(features))).mean((2, 3)))
 
 
 # ImageNet normalisation, for the (pretrained) ResNet50.

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, load_weights, save_checkpoint
+from checkpoint import load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import experiment_data
 from engine import accuracy, finetune, format_stats, predict, train_epoch
@@ -60,16 +60,24 @@ attention_quantile = 0.75      # attention: mask pixels above this per-image qua
 mask_std = 2.0                 # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
 masked_pixel_scale = 0.0       # masked pixels are multiplied by this (0 = black as in the paper; report: 0.5)
 # fine-tuning
-finetune_epochs = 1            # MaskTune fine-tunes for a single epoch
+finetune_epochs = 1            # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
 finetune_learning_rate = 0.01  # constant learning rate of the fine-tuning epoch(s)
 controls = True                # also fine-tune without masks and with random masks (same everything else)
 erm_checkpoint = ""            # a vgg_initial.pt to start from instead of training ERM (same data settings)
+resume = False                 # continue an interrupted run (same config) from its last finished epoch
 
 config = configure(globals())
-DATA_KEYS = ("data_dir", "seed", "val_size", "dry_run", "spurious_ratio", "spurious_patch_size",
-             "spurious_position", "spurious_conflicting")  # what an ERM model must share with this run
+
+
+def data_settings(cfg: dict) -> dict:
+    """What an ERM model must share with this run to be reused (the patch settings only matter when on)."""
+    keys = ["data_dir", "seed", "val_size", "dry_run"]
+    if cfg.get("spurious_ratio", 0.0) > 0:
+        keys += ["spurious_patch_size", "spurious_position", "spurious_conflicting"]
+    return {"spurious_ratio": cfg.get("spurious_ratio", 0.0), **{k: cfg.get(k) for k in keys}}
+
 check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
-check(num_epochs > 0 and finetune_epochs > 0, "num_epochs and finetune_epochs must be positive")
+check(num_epochs > 0 and finetune_epochs >= 0, "num_epochs must be positive, finetune_epochs >= 0")
 check(learning_rate > 0 and finetune_learning_rate > 0, "learning rates must be positive")
 check(0 <= momentum < 1 and weight_decay >= 0 and warmup_epochs >= 0, "momentum must be in [0, 1), weight_decay >= 0")
 check(masking in STRATEGIES, f"unknown masking strategy {masking!r}; use one of {', '.join(STRATEGIES)}")
@@ -113,9 +121,9 @@ initial_path = os.path.join(checkpoint_dir, "vgg_initial.pt")
 erm_start = time.time()
 if erm_checkpoint:  # reuse a trained ERM model (e.g. to compare masking strategies on the same one)
     reused = load_checkpoint(erm_checkpoint, "VGGWithAttention", num_classes)
-    differing = [k for k in DATA_KEYS if reused["config"].get(k) != config.get(k)]
-    check(not differing, f"erm_checkpoint {erm_checkpoint!r} was trained with other data settings: "
-          + ", ".join(f"{k}={reused['config'].get(k)!r}" for k in differing))
+    theirs, ours = data_settings(reused["config"]), data_settings(config)
+    check(theirs == ours, f"erm_checkpoint {erm_checkpoint!r} was trained with other data settings: "
+          + ", ".join(f"{k}={theirs.get(k)!r}" for k in {**theirs, **ours} if theirs.get(k) != ours.get(k)))
     load_weights(model, reused, erm_checkpoint)
     check(reused["optimizer"] is not None, f"erm_checkpoint {erm_checkpoint!r} has no optimizer state")
     optimizer.load_state_dict(reused["optimizer"])
@@ -124,8 +132,16 @@ if erm_checkpoint:  # reuse a trained ERM model (e.g. to compare masking strateg
                         stage="erm")
     print(f"ERM: reusing {erm_checkpoint} (epoch {reused['epoch']})")
 else:
-    history, best = [], -1.0
-    for epoch in range(num_epochs):
+    history, best, start_epoch = [], -1.0, 0
+    last_path = os.path.join(checkpoint_dir, "vgg_last.pt")  # every finished epoch: what --resume continues
+    last = resumable(last_path, config) if resume else None
+    if last is not None:
+        load_weights(model, last, last_path)
+        optimizer.load_state_dict(last["optimizer"])
+        generator.set_state(last["generator_state"])
+        history, best, start_epoch = last["metrics"]["history"], last["best"], last["epoch"]
+        print(f"resuming after ERM epoch {start_epoch} from {last_path}")
+    for epoch in range(start_epoch, num_epochs):
         stats = train_epoch(model, optimizer, train_images, train_labels, batch_size=batch_size, device=device_,
                             generator=generator, augment=augment, lr_schedule=erm_schedule, epoch=epoch,
                             desc=f"ERM epoch {epoch + 1}/{num_epochs}", **norm)
@@ -137,6 +153,8 @@ else:
             best = score
             save_checkpoint(initial_path, model, optimizer, config, epoch + 1, {**stats, "history": history},
                             stage="erm")
+        save_checkpoint(last_path, model, optimizer, config, epoch + 1, {"history": history}, stage="erm",
+                        best=best, generator_state=generator.get_state())
     save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
 
@@ -145,6 +163,9 @@ erm_state = load_checkpoint(initial_path, "VGGWithAttention", num_classes)
 load_weights(model, erm_state, initial_path)
 print(f"ERM: best epoch {erm_state['epoch']}, test acc {100 * erm_state['metrics']['test_accuracy']:.2f}%, "
       f"{erm_seconds:.0f}s in all")
+if finetune_epochs == 0:
+    print(f"finetune_epochs=0: ERM only, {initial_path} written")
+    raise SystemExit(0)
 mask_start = time.time()
 masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, device=device_,
                       attention_quantile=attention_quantile, num_std=mask_std, **norm)
@@ -167,14 +188,20 @@ save_mask_grid(os.path.join(out_dir, "masks.png"), train_images[examples], heatm
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------
 results = {"erm": {**erm_state["metrics"], "seconds": erm_seconds}}
 for name, images in variants.items():
+    path = os.path.join(checkpoint_dir, f"vgg_{name}.pt")
+    done = resumable(path, config) if resume else None
+    if done is not None:  # finished before the interruption
+        print(f"fine-tune {name}: done before, kept {path}")
+        results[name] = done["metrics"]
+        continue
     load_weights(model, erm_state, initial_path)
     optimizer.load_state_dict(erm_state["optimizer"])
     stats = finetune(model, optimizer, images, train_labels, epochs=finetune_epochs,
                      learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
                      desc=f"fine-tune {name}", batch_size=batch_size, device=device_, augment=augment, **norm)
     stats["masked_fraction"] = masks_of[name].float().mean().item()
-    save_checkpoint(os.path.join(checkpoint_dir, f"vgg_{name}.pt"), model, optimizer, config,
-                    erm_state["epoch"] + finetune_epochs, stats, stage=f"finetune-{name}")
+    save_checkpoint(path, model, optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
+                    stage=f"finetune-{name}")
     results[name] = stats
 
 print(f"{'model':<12}{'test acc':>10}{'val acc':>10}")

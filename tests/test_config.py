@@ -19,6 +19,14 @@ def test_overrides_are_converted_to_the_default_type():
     assert config == {k: v[k] for k in ("batch_size", "learning_rate", "masking", "controls", "coverages", "names")}
 
 
+def test_bare_flag_switches_a_bool_on():
+    v = dict(variables(), controls=False)
+    configure(v, ["--controls"])
+    assert v["controls"] is True
+    with pytest.raises(UserError, match="arguments look like"):
+        configure(variables(), ["--batch_size"])
+
+
 def test_int_accepted_for_float_variable():
     assert parse_value("learning_rate", "1", 0.1) == 1.0
 

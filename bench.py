@@ -1,0 +1,173 @@
+"""Speed of this repository's MaskTune pipeline against the usual ways of doing the same work.
+
+On the current device, with synthetic data of CIFAR-10 size, in images/s:
+  (a) ERM training steps: this repo's path (uint8 tensor on the device, batched flips/crops, randperm)
+      vs the pure model compute (forward + backward + step on a ready float batch) vs a torchvision
+      Dataset + DataLoader + PIL transforms loop, same model and batch size;
+  (b) masking: this repo's attention and XGradCAM masks (batched, thresholds on the device) vs
+      pytorch-grad-cam's XGradCAM followed by a per-image numpy mean + 2 std threshold;
+  (c) fine-tuning (training on the masked tensor) and (d) evaluation;
+  and the same for ResNet50 at `resnet_image_size`.
+
+    python bench.py            # about a minute on 2 CPU cores
+    python bench.py --quick    # seconds: a smoke test
+"""
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import configure, pick_device, seed_everything
+from data import augment_flip_crop, normalize
+from engine import predict, train_epoch
+from masking import apply_masks, compute_masks
+from models import IMAGENET_MEAN, IMAGENET_STD, VGG_MEAN, VGG_STD, ResNet50, VGGWithAttention
+
+device = "auto"            # auto = cuda, then mps, then cpu
+batch_size = 128           # training batch size (all paths)
+eval_batch_size = 512      # evaluation and masking batch size
+num_images = 4096          # synthetic images per measurement
+resnet = True              # also measure ResNet50
+resnet_image_size = 64     # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
+resnet_images = 256        # synthetic images for ResNet50 measurements
+reference = True           # also time the reference implementations
+quick = False              # tiny sizes: checks that everything runs, in seconds
+seed = 0                   # synthetic data and initialisation
+
+config = configure(globals())
+if quick:
+    num_images, resnet_images, batch_size, eval_batch_size, resnet_image_size = 256, 16, 64, 128, 32
+device_ = pick_device(device)
+generator = seed_everything(seed)
+cpu = torch.device("cpu")
+if device_.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+
+
+def sync() -> None:
+    if device_.type == "cuda":
+        torch.cuda.synchronize()
+    elif device_.type == "mps":
+        torch.mps.synchronize()
+
+
+def images_per_second(fn, n: int) -> float:
+    fn()  # warm-up (allocations, cudnn autotuning)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return n / (time.perf_counter() - start)
+
+
+def pure_compute(model, x_float: torch.Tensor, labels: torch.Tensor, loss_fn, optimizer) -> None:
+    """The floor: forward + backward + step on ready-made float batches already on the device."""
+    for i in range(0, len(x_float), batch_size):
+        loss = loss_fn(model(x_float[i:i + batch_size])[0], labels[i:i + batch_size])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def dataloader_reference(model, images: torch.Tensor, labels: torch.Tensor, optimizer, mean, std) -> None:
+    """A conventional loop: PIL images, torchvision transforms, DataLoader."""
+    from PIL import Image
+    from torchvision import transforms
+
+    class PILDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.pil = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
+            self.transform = transforms.Compose([transforms.RandomCrop(images.shape[-1], padding=4, padding_mode="reflect"),
+                                                 transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                                 transforms.Normalize(mean, std)])
+
+        def __len__(self):
+            return len(self.pil)
+
+        def __getitem__(self, i):
+            return self.transform(self.pil[i]), labels[i]
+
+    loader = torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x.to(device_))[0], y.to(device_))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def gradcam_reference(model, images: torch.Tensor, mean, std) -> None:
+    """pytorch-grad-cam's XGradCAM (CPU numpy, per-image OpenCV resize), then a per-image mean + 2 std mask."""
+    from pytorch_grad_cam import XGradCAM
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    cam = XGradCAM(model=LogitsOnly(model), target_layers=[model.attention])
+    for i in range(0, len(images), eval_batch_size):
+        heatmaps = cam(input_tensor=normalize(images[i:i + eval_batch_size].to(device_), mean, std), targets=None)
+        for h in heatmaps:
+            positive = h[h > 0]
+            threshold = positive.mean() + 2 * positive.std() if positive.size else np.inf
+            _ = h > threshold
+
+
+rows = []
+
+
+def record(task: str, ours: float, baseline: float | None = None, baseline_name: str = "") -> None:
+    rows.append((task, ours, baseline, baseline_name))
+    ratio = f"{ours / baseline:6.2f}x {baseline_name}" if baseline else ""
+    print(f"{task:<44}{ours:>12,.0f} img/s   {ratio}", flush=True)
+
+
+print(f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 images")
+images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
+labels = torch.randint(0, 10, (num_images,), generator=generator)
+images_d, labels_d = images.to(device_), labels.to(device_)
+model = VGGWithAttention(10).to(device_)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+norm = dict(mean=VGG_MEAN, std=VGG_STD)
+train = dict(batch_size=batch_size, device=device_, generator=generator, **norm)
+
+floor = images_per_second(lambda: pure_compute(model, normalize(augment_flip_crop(images_d, generator), **norm),
+                                               labels_d, F.cross_entropy, optimizer), num_images)
+record("VGG pure model compute (floor)", floor)
+ours = images_per_second(lambda: train_epoch(model, optimizer, images_d, labels_d, augment=True, **train), num_images)
+baseline = images_per_second(lambda: dataloader_reference(model, images, labels, optimizer, VGG_MEAN, VGG_STD),
+                             num_images) if reference else None
+record("(a) VGG ERM training, this repo", ours, baseline, "DataLoader+PIL")
+print(f"{'':<44}{100 * ours / floor:>11.0f}% of the pure model compute")
+for strategy in ("attention", "xgradcam"):
+    mask_rate = images_per_second(lambda: compute_masks(model, images_d, strategy, batch_size=eval_batch_size,
+                                                        device=device_, **norm), num_images)
+    baseline = images_per_second(lambda: gradcam_reference(model, images, VGG_MEAN, VGG_STD), num_images) \
+        if reference and strategy == "xgradcam" else None
+    record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
+masked = apply_masks(images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, device=device_, **norm))
+record("(c) VGG fine-tuning on the masked tensor",
+       images_per_second(lambda: train_epoch(model, optimizer, masked, labels_d, augment=True, **train), num_images))
+record("(d) VGG evaluation", images_per_second(
+    lambda: predict(model, images_d, batch_size=eval_batch_size, device=device_, **norm), num_images))
+
+if resnet:
+    size = resnet_image_size
+    print(f"ResNet50, {resnet_images} synthetic {size}x{size} images, 10 attributes")
+    r_images = torch.randint(0, 256, (resnet_images, 3, size, size), dtype=torch.uint8, generator=generator).to(device_)
+    r_labels = torch.randint(0, 2, (resnet_images, 10), generator=generator).float().to(device_)
+    r_model = ResNet50(10).to(device_)
+    r_optimizer = torch.optim.SGD(r_model.parameters(), lr=0.001, momentum=0.9)
+    r_norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    r_batch = min(batch_size, 32)
+    record("(a) ResNet50 training", images_per_second(lambda: train_epoch(
+        r_model, r_optimizer, r_images, r_labels, batch_size=r_batch, device=device_, generator=generator,
+        loss_fn=F.binary_cross_entropy_with_logits, **r_norm), resnet_images))
+    record("(b) ResNet50 masking, xgradcam", images_per_second(lambda: compute_masks(
+        r_model, r_images, "xgradcam", batch_size=r_batch, device=device_, multilabel=True, **r_norm), resnet_images))
+    record("(d) ResNet50 evaluation", images_per_second(lambda: predict(
+        r_model, r_images, batch_size=r_batch, device=device_, **r_norm), resnet_images))

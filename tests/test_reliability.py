@@ -1,0 +1,177 @@
+"""Interrupted runs resume exactly; every user mistake is one clear line, exit 1, and nothing written is lost."""
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import ROOT, run_script, write_celeba, write_cifar_pickles, write_image_folder
+from models import VGGWithAttention
+
+TINY = ["--num_epochs=5", "--batch_size=16", "--eval_batch_size=100", "--val_size=50"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cifar_dir):
+    ckpt = str(tmp_path_factory.mktemp("reference"))
+    run_script("vgg.py", f"--data_dir={cifar_dir}", f"--checkpoint_dir={ckpt}", f"--out_dir={ckpt}/out", *TINY)
+    return ckpt
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_result(reference_run, cifar_dir, tmp_path, sig):
+    args = [sys.executable, os.path.join(ROOT, "vgg.py"), f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}",
+            f"--out_dir={tmp_path}/out", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / "vgg_last.pt") and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert not os.path.exists(tmp_path / "vgg_finetuned.pt")
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "--resume=True" in stderr and "Traceback" not in stderr
+    resumed = run_script("vgg.py", *args[2:], "--resume=True")
+    assert "resuming after ERM epoch" in resumed.stdout
+    for name in ("initial", "finetuned", "nomask", "randommask"):
+        ours = load_checkpoint(str(tmp_path / f"vgg_{name}.pt"))
+        reference = load_checkpoint(os.path.join(reference_run, f"vgg_{name}.pt"))
+        assert ours["metrics"]["test_accuracy"] == reference["metrics"]["test_accuracy"]
+        for key, tensor in reference["model"].items():  # bit for bit
+            assert torch.equal(ours["model"][key], tensor), (name, key)
+
+
+def test_seeded_runs_are_bit_for_bit_repeatable(reference_run, cifar_dir, tmp_path):
+    run_script("vgg.py", f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}", f"--out_dir={tmp_path}/out", *TINY)
+    a = load_checkpoint(str(tmp_path / "vgg_finetuned.pt"))["model"]
+    b = load_checkpoint(os.path.join(reference_run, "vgg_finetuned.pt"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config(reference_run, cifar_dir):
+    result = run_script("vgg.py", f"--data_dir={cifar_dir}", f"--checkpoint_dir={reference_run}", "--resume=True",
+                        *TINY, "--learning_rate=0.5", check=False)
+    assert result.returncode == 1 and "cannot resume" in result.stderr and "learning_rate=0.02" in result.stderr
+
+
+def _digest(folder: str) -> dict:
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder)) if f.endswith(".pt")}
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/masktune-pwned",))
+
+
+def bad_inputs(tmp: str, cifar_dir: str) -> list:
+    """(script, arguments, expected message) for each row of the bad-input matrix."""
+    os.makedirs(f"{tmp}/empty/train")
+    write_image_folder(f"{tmp}/notest", per_class=2, per_class_test=1)
+    import shutil
+    shutil.rmtree(f"{tmp}/notest/test")
+    write_image_folder(f"{tmp}/emptyclass", per_class=2, per_class_test=1)
+    os.makedirs(f"{tmp}/emptyclass/train/zebra")
+    write_image_folder(f"{tmp}/mismatch", per_class=2, per_class_test=1)
+    os.rename(f"{tmp}/mismatch/test/frog", f"{tmp}/mismatch/test/toad")
+    write_image_folder(f"{tmp}/corrupt", per_class=2, per_class_test=1)
+    open(f"{tmp}/corrupt/train/dog/0001.png", "wb").write(b"\x89PNG\r\n\x1a\n truncated")
+    write_cifar_pickles(f"{tmp}/truncated", n_train=50, n_test=10)
+    path = f"{tmp}/truncated/cifar-10-batches-py/test_batch"
+    open(path, "wb").write(open(path, "rb").read()[:100])
+    write_celeba(f"{tmp}/celeba_csv", n=12)
+    open(f"{tmp}/celeba_csv/list_eval_partition.csv", "w").write("image_id,partition\n000001.jpg\n")
+    write_celeba(f"{tmp}/celeba", n=12)
+    os.makedirs(f"{tmp}/ckpt_text")
+    open(f"{tmp}/ckpt_text/vgg_initial.pt", "w").write("not a checkpoint")
+    open(f"{tmp}/ckpt_text/vgg_finetuned.pt", "w").write("not a checkpoint")
+    os.makedirs(f"{tmp}/ckpt_exploit")
+    for name in ("initial", "finetuned"):
+        pickle.dump(Exploit(), open(f"{tmp}/ckpt_exploit/vgg_{name}.pt", "wb"))
+    os.makedirs(f"{tmp}/ckpt_classes")
+    for name in ("initial", "finetuned"):
+        save_checkpoint(f"{tmp}/ckpt_classes/vgg_{name}.pt", VGGWithAttention(10), None, {}, 1, {})
+    os.makedirs(f"{tmp}/ckpt_arch")
+    from models import ResNet50
+    for name in ("initial", "finetuned"):
+        save_checkpoint(f"{tmp}/ckpt_arch/vgg_{name}.pt", ResNet50(10), None, {}, 1, {})
+    open(f"{tmp}/a_file", "w").write("x")
+    celeba = [f"--data_dir={tmp}/celeba", "--pretrained=False", "--image_size=32"]
+    return [
+        ("vgg.py", [f"--data_dir={tmp}/notest"], "notest/test' not found"),
+        ("vgg.py", [f"--data_dir={tmp}/empty"], "has no class folders"),
+        ("vgg.py", [f"--data_dir={tmp}/emptyclass"], "has no images"),
+        ("vgg.py", [f"--data_dir={tmp}/mismatch"], "train and test class folders differ"),
+        ("vgg.py", [f"--data_dir={tmp}/corrupt"], "cannot read image"),
+        ("vgg.py", [f"--data_dir={tmp}/truncated"], "test_batch' is corrupt"),
+        ("resnet50.py", [f"--data_dir={tmp}/celeba_csv", "--pretrained=False"], "is malformed"),
+        ("resnet50.py", [*celeba, "--target_attributes=Blonde_Hair"], "unknown CelebA attribute"),
+        ("resnet50.py", [f"--data_dir={tmp}/empty", "--pretrained=False"], "CelebA not found"),
+        ("evaluate_vgg.py", [f"--checkpoint_dir={tmp}/ckpt_text"], "not a readable checkpoint"),
+        ("evaluate_vgg.py", [f"--checkpoint_dir={tmp}/ckpt_exploit"], "not a readable checkpoint"),
+        ("selective_classification_vgg.py", [f"--checkpoint_dir={tmp}/ckpt_arch"], "holds a ResNet50"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--batch_size=-1"], "batch sizes must be positive"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--num_epochs=0"], "must be positive"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--learning_rate=0"], "learning rates must be positive"),
+        ("resnet50.py", [*celeba, "--batch_size=0"], "batch sizes must be positive"),
+        ("selective_classification_vgg.py", ["--confidence_threshold=1.5"], "confidence_threshold must be in [0, 1]"),
+        ("selective_classification_resnet.py", ["--confidence_threshold=-0.1"], "confidence_threshold must be in [0, 1]"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--attention_quantile=1.2"], "attention_quantile must be between"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--masking=gradcam"], "unknown masking strategy"),
+        ("resnet50.py", [*celeba, "--masking=attention"], "unknown masking strategy"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--device=cuda:3"], "device 'cuda:3'"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--device=quantum"], "unknown device"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", f"--out_dir={tmp}/a_file/out"], "cannot create folder"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory, cifar_dir):
+    return bad_inputs(str(tmp_path_factory.mktemp("bad")), cifar_dir)
+
+
+def run_in_process(script: str, args: list, monkeypatch) -> None:
+    """Run a script in this process (no interpreter start-up per row); its UserError propagates."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+@pytest.mark.parametrize("row", range(24))  # the 24 rows of bad_inputs()
+def test_bad_input_matrix(row, matrix, reference_run, monkeypatch):
+    """Each row raises the UserError that the scripts print as one line (exit 1, see below), and the
+    checkpoints already written stay byte for byte the same."""
+    from config import UserError
+    script, args, message = matrix[row]
+    if not any(a.startswith("--checkpoint_dir") for a in args):
+        args = [*args, f"--checkpoint_dir={reference_run}"]  # a mistake must not touch existing checkpoints
+    before = _digest(reference_run)
+    with pytest.raises(UserError) as error:
+        run_in_process(script, args, monkeypatch)
+    assert message in str(error.value)
+    assert _digest(reference_run) == before
+    assert not os.path.exists("/tmp/masktune-pwned")
+
+
+@pytest.mark.parametrize("row", [0, 5, 10, 21])
+def test_user_errors_print_one_line_and_exit_1(row, matrix, reference_run):
+    script, args, message = matrix[row]
+    if not any(a.startswith("--checkpoint_dir") for a in args):
+        args = [*args, f"--checkpoint_dir={reference_run}"]
+    result = run_script(script, *args, check=False)
+    err = result.stderr.strip()
+    assert result.returncode == 1 and err == f"error: {err[7:]}" and message in err
+    assert "Traceback" not in err and "\n" not in err
+
+
+def test_matrix_has_every_row(matrix):
+    assert len(matrix) == 24
