@@ -6,7 +6,7 @@ Strategies (``masking``):
              ``attention_quantile`` masked (the report compared a raw-scale threshold with normalised maps).
   xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled, pixels above
              mean + 2 std of the image's positive CAM values masked.
-  random     a control: per image, the same number of pixels as a saliency mask, in random places.
+  random     a control: per image, the saliency mask moved to a random place (same size and shape).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden. Masked pixels are multiplied by
 ``masked_pixel_scale`` in raw pixel space (0: black, as in the paper; 0.5: the report's attenuation).
 """
@@ -102,12 +102,18 @@ def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean
 
 
 def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per image, hide as many pixels as ``masks`` does, at uniformly random places."""
+    """Per image, the same mask moved to a random place: a random circular shift (rows and columns).
+
+    Same number of pixels and the same blob shape as the saliency mask, so the control differs from MaskTune
+    only in *where* it masks (scattered random pixels would be a different, noise-like corruption).
+    """
     n, height, width = masks.shape
-    counts = masks.flatten(1).sum(1, keepdim=True)
-    scores = torch.rand(n, height * width, generator=generator).to(masks.device)
-    ranks = scores.argsort(1).argsort(1)
-    return (ranks < counts).view(n, height, width)
+    dy = torch.randint(0, height, (n, 1), generator=generator).to(masks.device)
+    dx = torch.randint(0, width, (n, 1), generator=generator).to(masks.device)
+    rows = (torch.arange(height, device=masks.device) - dy) % height   # (N, H)
+    cols = (torch.arange(width, device=masks.device) - dx) % width     # (N, W)
+    batch = torch.arange(n, device=masks.device).view(-1, 1, 1)
+    return masks[batch, rows[:, :, None], cols[:, None, :]]
 
 
 def apply_masks(images: torch.Tensor, masks: torch.Tensor, masked_pixel_scale: float = 0.0) -> torch.Tensor:

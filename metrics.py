@@ -163,3 +163,34 @@ def multilabel_scorers(p_initial: torch.Tensor, p_tuned: torch.Tensor, tuned_nam
         f"paper score (ERM x {tuned_name})": (combined.values.flatten(), combined.indices.flatten()),
         f"SR {tuned_name}": (conf_t.flatten(), pred_t.flatten()),
     }
+
+
+def compare_scorers(scorers_test: dict, scorers_val: dict, labels: torch.Tensor,
+                    oracle_predictions: torch.Tensor, target_coverages: list[float]) -> tuple[list[dict], dict]:
+    """Rows (AURC, and accuracy/coverage on test at thresholds chosen on validation for each target coverage)
+    and risk-coverage curves for every scorer ``{name: (scores, predictions)}``, plus the oracle ordering of
+    ``oracle_predictions``."""
+    table, curves = [], {}
+    for name, (scores, pred) in scorers_test.items():
+        correct = pred == labels
+        row = {"scorer": name, "aurc": aurc(scores, correct), "accuracy_at_full_coverage": correct.float().mean().item()}
+        for target in target_coverages:
+            at = selective_at_threshold(scores, correct, threshold_for_coverage(scorers_val[name][0], target))
+            row[f"accuracy@{target:g}"], row[f"coverage@{target:g}"] = at["accuracy_on_accepted"], at["coverage"]
+        table.append(row)
+        curves[name] = risk_coverage(scores, correct)
+    oracle_correct = oracle_predictions == labels
+    coverage, risk, oracle_aurc = oracle_risk_coverage(oracle_correct)
+    curves["oracle"] = (coverage, risk)
+    table.append({"scorer": "oracle (MaskTune predictions)", "aurc": oracle_aurc,
+                  "accuracy_at_full_coverage": oracle_correct.float().mean().item()})
+    return table, curves
+
+
+def format_scorer_table(table: list[dict], target_coverages: list[float], title: str = "scorer") -> str:
+    lines = [f"{title:<42}{'AURC x100':>10}" + "".join(f"{'@' + format(100 * t, 'g') + '%':>17}" for t in target_coverages)]
+    for row in table:
+        cells = "".join(f"{100 * row[f'accuracy@{t:g}']:>8.2f}% ({100 * row[f'coverage@{t:g}']:>5.1f}%)"
+                        if f"accuracy@{t:g}" in row else f"{'':>17}" for t in target_coverages)
+        lines.append(f"{row['scorer']:<42}{100 * row['aurc']:>10.3f}{cells}")
+    return "\n".join(lines)

@@ -26,6 +26,7 @@ checkpoint_dir = "checkpoints/seeds"   # each seed writes to checkpoint_dir/seed
 out_dir = "out/seeds"                  # each seed writes to out_dir/seed<N>; the summary goes here
 vgg_args = ""                          # extra --name=value arguments for vgg.py (quoted, space separated)
 skip_existing = True                   # reuse a seed whose evaluation already exists
+selective = True                       # also run selective_classification_vgg.py for each seed
 erm_from = ""                          # reuse the ERM models of another run_seeds checkpoint_dir (seed<N>/vgg_initial.pt)
 
 config = configure(globals())
@@ -44,23 +45,25 @@ per_seed = []
 for seed in seeds:
     ckpt, out = os.path.join(checkpoint_dir, f"seed{seed}"), os.path.join(out_dir, f"seed{seed}")
     metrics_file, selective_file = os.path.join(out, "evaluate", "metrics.json"), os.path.join(out, "selective", "selective.json")
-    if not (skip_existing and os.path.exists(metrics_file) and os.path.exists(selective_file)):
+    if not (skip_existing and os.path.exists(metrics_file) and (os.path.exists(selective_file) or not selective)):
         reuse = [f"--erm_checkpoint={os.path.join(erm_from, f'seed{seed}', 'vgg_initial.pt')}"] if erm_from else []
         run("vgg.py", f"--seed={seed}", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'vgg')}",
             *shlex.split(vgg_args), *reuse)
         run("evaluate_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'evaluate')}")
-        run("selective_classification_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'selective')}")
-    evaluation, selective = json.load(open(metrics_file)), json.load(open(selective_file))
+        if selective:
+            run("selective_classification_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={os.path.join(out, 'selective')}")
+    evaluation = json.load(open(metrics_file))
+    scored = json.load(open(selective_file)) if selective else {"report_rule": {}, "scorers": []}
     row = {}
     for model, m in evaluation["models"].items():
         row[f"{model} | clean test accuracy"] = m["test_accuracy"]
         row[f"{model} | masked test accuracy"] = m["masked_test_accuracy"]
         for key, acc in m.get("spurious", {}).items():  # spurious patch: clean/aligned/conflicting/worst group
             row[f"{model} | {key.replace('_', ' ')}"] = acc
-    for model, r in selective["report_rule"].items():
+    for model, r in scored["report_rule"].items():
         row[f"report's rule, ERM + {model} | accuracy on accepted"] = r["accuracy_on_accepted"]
         row[f"report's rule, ERM + {model} | coverage"] = r["coverage"]
-    for s in selective["scorers"]:
+    for s in scored["scorers"]:
         row[f"{s['scorer']} | AURC"] = s["aurc"]
     per_seed.append(row)
 

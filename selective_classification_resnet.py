@@ -24,8 +24,7 @@ from checkpoint import RUN_MODELS, load_run
 from config import check, configure, ensure_writable_dir, pick_device
 from data import load_celeba
 from engine import predict
-from metrics import (aurc, multilabel_scorers, oracle_risk_coverage, risk_coverage, selective_at_threshold,
-                     threshold_for_coverage)
+from metrics import compare_scorers, format_scorer_table, multilabel_scorers
 from models import IMAGENET_MEAN, IMAGENET_STD, AttentionMaskingResNet50, ResNet50
 from plots import save_risk_coverage
 
@@ -59,7 +58,7 @@ def probabilities(images: torch.Tensor) -> dict:
 
 
 val_p, test_p = probabilities(splits["val"].images), probabilities(splits["test"].images)
-labels, val_labels = splits["test"].labels.bool(), splits["val"].labels.bool()
+labels = splits["test"].labels.bool()
 tuned = [n for n in models if n != "initial"]
 
 rules = {}
@@ -97,26 +96,10 @@ scorers_val, scorers_test = {"SR ERM": sr(val_p["initial"])}, {"SR ERM": sr(test
 for n in tuned:
     scorers_val.update(multilabel_scorers(val_p["initial"], val_p[n], RUN_MODELS[n]))
     scorers_test.update(multilabel_scorers(test_p["initial"], test_p[n], RUN_MODELS[n]))
-flat_labels = labels.long().flatten()
-table, curves = [], {}
-for name, (scores, pred) in scorers_test.items():
-    correct = pred == flat_labels
-    row = {"scorer": name, "aurc": aurc(scores, correct), "accuracy_at_full_coverage": correct.float().mean().item()}
-    for target in target_coverages:
-        at = selective_at_threshold(scores, correct, threshold_for_coverage(scorers_val[name][0], target))
-        row[f"accuracy@{target:g}"], row[f"coverage@{target:g}"] = at["accuracy_on_accepted"], at["coverage"]
-    table.append(row)
-    curves[name] = risk_coverage(scores, correct)
-tuned_correct = (test_p["finetuned"] > 0.5).long().flatten() == flat_labels
-cov, risk, oracle = oracle_risk_coverage(tuned_correct)
-curves["oracle"] = (cov, risk)
-table.append({"scorer": "oracle (MaskTune predictions)", "aurc": oracle,
-              "accuracy_at_full_coverage": tuned_correct.float().mean().item()})
-print(f"\n{'scorer (per attribute decision)':<42}{'AURC x100':>10}" + "".join(f"{'@' + format(100 * t, 'g') + '%':>17}" for t in target_coverages))
-for row in table:
-    cells = "".join(f"{100 * row[f'accuracy@{t:g}']:>8.2f}% ({100 * row[f'coverage@{t:g}']:>5.1f}%)"
-                    if f"accuracy@{t:g}" in row else f"{'':>17}" for t in target_coverages)
-    print(f"{row['scorer']:<42}{100 * row['aurc']:>10.3f}{cells}")
+table, curves = compare_scorers(scorers_test, scorers_val, labels.long().flatten(),
+                                (test_p["finetuned"] > 0.5).long().flatten(), target_coverages)
+print("\nscorers over all (image, attribute) decisions; thresholds chosen on the validation split")
+print(format_scorer_table(table, target_coverages, "scorer (per attribute decision)"))
 with open(os.path.join(out_dir, "selective.json"), "w") as f:
     json.dump({"rules": rules, "scorers": table, "config": config, "run_config": rc}, f, indent=1)
 with open(os.path.join(out_dir, "selective.csv"), "w", newline="") as f:

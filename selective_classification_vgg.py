@@ -23,8 +23,7 @@ from checkpoint import RUN_MODELS, load_run
 from config import check, configure, ensure_writable_dir, pick_device
 from data import experiment_data
 from engine import predict
-from metrics import (agreement_rule, aurc, classification_scorers, oracle_risk_coverage, risk_coverage,
-                     selective_at_threshold, threshold_for_coverage)
+from metrics import agreement_rule, classification_scorers, compare_scorers, format_scorer_table
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 from plots import save_risk_coverage
 
@@ -86,29 +85,11 @@ for n in tuned:
     scorers_val.update(classification_scorers(val_logits["initial"], val_logits[n], class_weights, RUN_MODELS[n]))
     scorers_test.update(classification_scorers(test_logits["initial"], test_logits[n], class_weights, RUN_MODELS[n]))
 
-table, curves = [], {}
-for name, (scores, pred) in scorers_test.items():
-    correct = pred == labels
-    val_scores, val_pred = scorers_val[name]
-    row = {"scorer": name, "aurc": aurc(scores, correct), "accuracy_at_full_coverage": correct.float().mean().item()}
-    for target in target_coverages:
-        threshold = threshold_for_coverage(val_scores, target)
-        at = selective_at_threshold(scores, correct, threshold)
-        row[f"accuracy@{target:g}"], row[f"coverage@{target:g}"] = at["accuracy_on_accepted"], at["coverage"]
-    table.append(row)
-    curves[name] = risk_coverage(scores, correct)
-oracle_cov, oracle_risk, oracle_aurc = oracle_risk_coverage(test_logits["finetuned"].argmax(1) == labels)
-curves["oracle"] = (oracle_cov, oracle_risk)
-table.append({"scorer": "oracle (MaskTune predictions)", "aurc": oracle_aurc,
-              "accuracy_at_full_coverage": (test_logits["finetuned"].argmax(1) == labels).float().mean().item()})
-
+table, curves = compare_scorers(scorers_test, scorers_val, labels, test_logits["finetuned"].argmax(1),
+                                target_coverages)
 print(f"\nrisk-coverage: thresholds chosen on the {len(val_labels)} validation images; "
       "test accuracy on accepted (test coverage reached)")
-print(f"{'scorer':<42}{'AURC x100':>10}" + "".join(f"{'@' + format(100 * t, 'g') + '%':>17}" for t in target_coverages))
-for row in table:
-    cells = "".join(f"{100 * row[f'accuracy@{t:g}']:>8.2f}% ({100 * row[f'coverage@{t:g}']:>5.1f}%)"
-                    if f"accuracy@{t:g}" in row else f"{'':>17}" for t in target_coverages)
-    print(f"{row['scorer']:<42}{100 * row['aurc']:>10.3f}{cells}")
+print(format_scorer_table(table, target_coverages))
 
 with open(os.path.join(out_dir, "selective.json"), "w") as f:
     json.dump({"report_rule": rule, "scorers": table, "config": config, "run_config": run_config}, f, indent=1)

@@ -41,6 +41,9 @@ def test_random_masks_hide_as_many_pixels_elsewhere():
     generator = torch.Generator().manual_seed(0)
     random = random_masks_like(masks, generator)
     assert torch.equal(random.flatten(1).sum(1), masks.flatten(1).sum(1))
+    for i in range(50):  # the same blob, circularly shifted
+        shifted = [torch.roll(masks[i], (dy, dx), (0, 1)) for dy in range(32) for dx in range(32)]
+        assert any(torch.equal(random[i], s) for s in shifted)
     overlap = (random & masks).flatten(1).sum(1).float() / masks.flatten(1).sum(1)
     assert overlap.mean() < 0.2  # mostly in other places
     assert torch.equal(random, random_masks_like(masks, torch.Generator().manual_seed(0)))
