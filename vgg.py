@@ -61,7 +61,7 @@ mask_std = 2.0                 # xgradcam: mask pixels above mean + mask_std * s
 masked_pixel_scale = 0.0       # masked pixels are multiplied by this (0 = black as in the paper; report: 0.5)
 # fine-tuning
 finetune_epochs = 1            # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
-finetune_learning_rate = 0.01  # constant learning rate of the fine-tuning epoch(s)
+finetune_learning_rate = 2e-4  # constant learning rate of the fine-tuning epoch(s) (see README: measured)
 controls = True                # also fine-tune without masks and with random masks (same everything else)
 erm_checkpoint = ""            # a vgg_initial.pt to start from instead of training ERM (same data settings)
 resume = False                 # continue an interrupted run (same config) from its last finished epoch
