@@ -111,8 +111,8 @@ def test_resnet_input_masks_cover_the_planted_feature():
     from models import IMAGENET_MEAN, IMAGENET_STD
     norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     generator = torch.Generator().manual_seed(0)
-    labels = (torch.arange(64) % 2).float().view(-1, 1)
-    images = torch.randint(0, 80, (64, 3, 128, 128), generator=generator, dtype=torch.uint8)
+    labels = (torch.arange(48) % 2).float().view(-1, 1)
+    images = torch.randint(0, 80, (48, 3, 128, 128), generator=generator, dtype=torch.uint8)
     images[labels[:, 0] == 1, :, 16:64, 16:64] = 255  # the planted feature, top left
     torch.manual_seed(0)
     model = ResNet50(1)
