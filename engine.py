@@ -109,3 +109,34 @@ def finetune(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
         stats.update(evaluate(model))
         print(format_stats(f"{desc} epoch {epoch + 1}/{epochs}", stats))
     return {**stats, "start_weights_sha1": start_sha1}
+
+
+def train_erm(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+              epochs: int, generator: torch.Generator, evaluate: Callable[[nn.Module], dict], config: dict,
+              best_path: str, last_path: str, resume: bool, **train_kwargs) -> list[dict]:
+    """ERM training: after every epoch the best-validation model goes to ``best_path`` and the full state
+    (weights, optimizer, data-order generator, history) to ``last_path``, from which ``resume`` continues
+    exactly. Returns the per-epoch history."""
+    from checkpoint import load_weights, resumable, save_checkpoint
+    history, best, start = [], -1.0, 0
+    last = resumable(last_path, config) if resume else None
+    if last is not None:
+        load_weights(model, last, last_path)
+        optimizer.load_state_dict(last["optimizer"])
+        generator.set_state(last["generator_state"])
+        history, best, start = last["metrics"]["history"], last["best"], last["epoch"]
+        print(f"resuming after ERM epoch {start} from {last_path}")
+    for epoch in range(start, epochs):
+        desc = f"ERM epoch {epoch + 1}/{epochs}"
+        stats = train_epoch(model, optimizer, images, labels, generator=generator, epoch=epoch, desc=desc,
+                            **train_kwargs)
+        stats.update(evaluate(model))
+        history.append({"epoch": epoch + 1, **stats})
+        print(format_stats(desc, stats))
+        score = stats.get("val_accuracy", stats.get("test_accuracy"))
+        if score > best:  # the paper masks with the best validation epoch
+            best = score
+            save_checkpoint(best_path, model, optimizer, config, epoch + 1, {**stats, "history": history}, stage="erm")
+        save_checkpoint(last_path, model, optimizer, config, epoch + 1, {"history": history}, stage="erm",
+                        best=best, generator_state=generator.get_state())
+    return history

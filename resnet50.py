@@ -26,10 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoint import RUN_MODELS, load_checkpoint, load_weights, save_checkpoint
+from checkpoint import RUN_MODELS, load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import load_celeba
-from engine import accuracy, finetune, format_stats, predict, train_epoch
+from engine import accuracy, finetune, predict, train_erm
 from masking import apply_masks, compute_masks, random_masks_like
 from metrics import attribute_group_accuracy, attribute_metrics
 from models import IMAGENET_MEAN, IMAGENET_STD, AttentionMaskingResNet50, ResNet50
@@ -63,6 +63,7 @@ masked_pixel_scale = 0.0       # masked pixels are multiplied by this (0 = black
 finetune_epochs = 1            # MaskTune fine-tunes for one epoch
 finetune_learning_rate = 1e-4  # the report's fine-tuning learning rate
 controls = True                # also the no-mask (and for xgradcam the random-mask) fine-tunes
+resume = False                 # continue an interrupted run (same config) from its last finished ERM epoch
 
 config = configure(globals())
 check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
@@ -105,15 +106,10 @@ def new_optimizer(model) -> torch.optim.Optimizer:
 model = ResNet50(num_attributes, pretrained, weights_path).to(device_)
 optimizer = new_optimizer(model)
 initial_path = os.path.join(checkpoint_dir, "resnet50_initial.pt")
-best, erm_start = -1.0, time.time()
-for epoch in range(num_epochs):
-    stats = train_epoch(model, optimizer, train_images, train_labels, generator=generator, epoch=epoch,
-                        desc=f"ERM epoch {epoch + 1}/{num_epochs}", **train_kwargs)
-    stats.update(evaluate(model))
-    print(format_stats(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
-    if stats["val_accuracy"] > best:
-        best = stats["val_accuracy"]
-        save_checkpoint(initial_path, model, optimizer, config, epoch + 1, stats, stage="erm")
+erm_start = time.time()
+train_erm(model, optimizer, train_images, train_labels, epochs=num_epochs, generator=generator, evaluate=evaluate,
+          config=config, best_path=initial_path, last_path=os.path.join(checkpoint_dir, "resnet50_last.pt"),
+          resume=resume, **train_kwargs)
 erm_state = load_checkpoint(initial_path, "ResNet50", num_attributes)
 print(f"ERM: best epoch {erm_state['epoch']}, {time.time() - erm_start:.0f}s")
 
@@ -146,12 +142,18 @@ if controls:
 
 models = {"initial": erm_model()[0]}
 for name, (net, net_optimizer, images, masked_fraction) in runs.items():
+    path = os.path.join(checkpoint_dir, f"resnet50_{name}.pt")
+    done = resumable(path, config) if resume else None
+    if done is not None:  # finished before the interruption
+        print(f"fine-tune {name}: done before, kept {path}")
+        models[name] = load_weights(net, done, path)
+        continue
     stats = finetune(net, net_optimizer, images, train_labels, epochs=finetune_epochs,
                      learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
                      desc=f"fine-tune {name}", **train_kwargs)
     stats["masked_fraction"] = masked_fraction
-    save_checkpoint(os.path.join(checkpoint_dir, f"resnet50_{name}.pt"), net, net_optimizer, config,
-                    erm_state["epoch"] + finetune_epochs, stats, stage=f"finetune-{name}")
+    save_checkpoint(path, net, net_optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
+                    stage=f"finetune-{name}")
     models[name] = net
 
 # 3. evaluation on the test split -----------------------------------------------------------------

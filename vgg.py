@@ -21,15 +21,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
-from data import experiment_data
-from engine import accuracy, finetune, format_stats, predict, train_epoch
+from data import experiment_data, normalize
+from engine import accuracy, finetune, predict, train_erm
 from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
-from data import normalize
 from plots import save_mask_grid, save_training_curves
 
 # data and output
@@ -132,29 +130,10 @@ if erm_checkpoint:  # reuse a trained ERM model (e.g. to compare masking strateg
                         stage="erm")
     print(f"ERM: reusing {erm_checkpoint} (epoch {reused['epoch']})")
 else:
-    history, best, start_epoch = [], -1.0, 0
-    last_path = os.path.join(checkpoint_dir, "vgg_last.pt")  # every finished epoch: what --resume continues
-    last = resumable(last_path, config) if resume else None
-    if last is not None:
-        load_weights(model, last, last_path)
-        optimizer.load_state_dict(last["optimizer"])
-        generator.set_state(last["generator_state"])
-        history, best, start_epoch = last["metrics"]["history"], last["best"], last["epoch"]
-        print(f"resuming after ERM epoch {start_epoch} from {last_path}")
-    for epoch in range(start_epoch, num_epochs):
-        stats = train_epoch(model, optimizer, train_images, train_labels, batch_size=batch_size, device=device_,
-                            generator=generator, augment=augment, lr_schedule=erm_schedule, epoch=epoch,
-                            desc=f"ERM epoch {epoch + 1}/{num_epochs}", **norm)
-        stats.update(evaluate(model))
-        history.append({"epoch": epoch + 1, **stats})
-        print(format_stats(f"ERM epoch {epoch + 1}/{num_epochs}", stats))
-        score = stats.get("val_accuracy", stats["test_accuracy"])
-        if score > best:  # keep the best validation epoch (the paper masks with it)
-            best = score
-            save_checkpoint(initial_path, model, optimizer, config, epoch + 1, {**stats, "history": history},
-                            stage="erm")
-        save_checkpoint(last_path, model, optimizer, config, epoch + 1, {"history": history}, stage="erm",
-                        best=best, generator_state=generator.get_state())
+    history = train_erm(model, optimizer, train_images, train_labels, epochs=num_epochs, generator=generator,
+                        evaluate=evaluate, config=config, best_path=initial_path, resume=resume,
+                        last_path=os.path.join(checkpoint_dir, "vgg_last.pt"), batch_size=batch_size,
+                        device=device_, augment=augment, lr_schedule=erm_schedule, **norm)
     save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
 

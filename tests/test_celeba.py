@@ -133,3 +133,14 @@ def test_resnet_input_masks_cover_the_planted_feature():
     inside = masks[:, :64, :64].flatten(1).sum(1).float() / masks.flatten(1).sum(1).clamp_min(1)
     assert (masks.flatten(1).sum(1) > 0).all()
     assert (inside > 0.5).float().mean() > 0.8, inside
+
+
+def test_resnet50_resume_keeps_finished_work(resnet_run):
+    """Re-running a finished run with --resume trains nothing again and keeps every checkpoint."""
+    before = {n: open(os.path.join(resnet_run["ckpt"], f"resnet50_{n}.pt"), "rb").read() for n in ("initial", "finetuned")}
+    result = run_script("resnet50.py", f"--data_dir={resnet_run['data']}", f"--checkpoint_dir={resnet_run['ckpt']}",
+                        f"--out_dir={resnet_run['out']}", "--pretrained=False", "--image_size=32", "--num_epochs=1",
+                        "--batch_size=8", "--eval_batch_size=32", "--target_attributes=[\"Blond_Hair\",\"Smiling\"]",
+                        "--resume=True")
+    assert "resuming after ERM epoch 1" in result.stdout and "fine-tune finetuned: done before" in result.stdout
+    assert all(open(os.path.join(resnet_run["ckpt"], f"resnet50_{n}.pt"), "rb").read() == b for n, b in before.items())
