@@ -65,15 +65,6 @@ erm_checkpoint = ""            # a vgg_initial.pt to start from instead of train
 resume = False                 # continue an interrupted run (same config) from its last finished epoch
 
 config = configure(globals())
-
-
-def data_settings(cfg: dict) -> dict:
-    """What an ERM model must share with this run to be reused (the patch settings only matter when on)."""
-    keys = ["data_dir", "seed", "val_size", "dry_run"]
-    if cfg.get("spurious_ratio", 0.0) > 0:
-        keys += ["spurious_patch_size", "spurious_position", "spurious_conflicting"]
-    return {"spurious_ratio": cfg.get("spurious_ratio", 0.0), **{k: cfg.get(k) for k in keys}}
-
 check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
 check(num_epochs > 0 and finetune_epochs >= 0, "num_epochs must be positive, finetune_epochs >= 0")
 check(learning_rate > 0 and finetune_learning_rate > 0, "learning rates must be positive")
@@ -101,6 +92,14 @@ def evaluate(model) -> dict:
     """Clean accuracy on the validation and test sets."""
     return {f"{name}_accuracy": accuracy(predict(model, s.images, batch_size=eval_batch_size, device=device_,
                                                  desc=name, **norm), s.labels) for name, s in eval_sets.items()}
+
+
+def data_settings(cfg: dict) -> dict:
+    """What an ERM model must share with this run to be reused (the patch settings only matter when on)."""
+    keys = ["data_dir", "seed", "val_size", "dry_run"]
+    if cfg.get("spurious_ratio", 0.0) > 0:
+        keys += ["spurious_patch_size", "spurious_position", "spurious_conflicting"]
+    return {"spurious_ratio": cfg.get("spurious_ratio", 0.0), **{k: cfg.get(k) for k in keys}}
 
 
 # 1. ERM ------------------------------------------------------------------------------------------
@@ -153,7 +152,7 @@ mask_seconds = time.time() - mask_start
 print(f"masking ({masking}): {100 * masked_fraction:.2f}% of training pixels masked on average, "
       f"{mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)")
 masks_of = {"finetuned": masks}
-if controls:  # same fine-tune without masks, and with as many pixels per image masked at random places
+if controls:  # the same fine-tune without masks, and with each mask moved to a random place
     masks_of["nomask"] = torch.zeros_like(masks)
     masks_of["randommask"] = random_masks_like(masks, generator)
 variants = {name: apply_masks(train_images, m, masked_pixel_scale) for name, m in masks_of.items()}
