@@ -100,3 +100,19 @@ def test_scorers():
 def test_mean_std():
     assert mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, pytest.approx(math.sqrt(5 / 3)))
     assert mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_attribute_metrics_by_hand():
+    from metrics import attribute_group_accuracy, attribute_metrics
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0], [1, 0]])
+    predicted = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1], [1, 0]])
+    m = attribute_metrics(predicted, labels, ["A", "B"])
+    # A: tp 2, fp 1, fn 1 -> precision 2/3, recall 2/3, accuracy 3/5; B: tp 2, fp 1, fn 0
+    assert m["per_attribute"]["A"] == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
+    assert m["per_attribute"]["B"] == pytest.approx({"accuracy": 0.8, "precision": 2 / 3, "recall": 1.0, "f1": 0.8})
+    assert m["mean_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    spurious = torch.tensor([1, 1, 0, 0, 0])
+    g = attribute_group_accuracy(predicted, labels, spurious, ["A", "B"], "Male")["A"]
+    # groups of A: (1,1): rows 0,1 -> 1/2; (0,0): rows 2,3 -> 1/2; (1,0): row 4 -> 1
+    assert g["per_group"] == {"A=0,Male=0": 0.5, "A=1,Male=0": 1.0, "A=1,Male=1": 0.5}
+    assert g["worst_group_accuracy"] == 0.5
