@@ -143,13 +143,15 @@ def run_in_process(script: str, args: list, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("row", range(24))  # the 24 rows of bad_inputs()
-def test_bad_input_matrix(row, matrix, reference_run, monkeypatch):
+def test_bad_input_matrix(row, matrix, reference_run, monkeypatch, tmp_path):
     """Each row raises the UserError that the scripts print as one line (exit 1, see below), and the
     checkpoints already written stay byte for byte the same."""
     from config import UserError
     script, args, message = matrix[row]
     if not any(a.startswith("--checkpoint_dir") for a in args):
         args = [*args, f"--checkpoint_dir={reference_run}"]  # a mistake must not touch existing checkpoints
+    if not any(a.startswith("--out_dir") for a in args):
+        args = [*args, f"--out_dir={tmp_path}/out"]  # nothing written into the repository
     before = _digest(reference_run)
     with pytest.raises(UserError) as error:
         run_in_process(script, args, monkeypatch)
@@ -159,10 +161,12 @@ def test_bad_input_matrix(row, matrix, reference_run, monkeypatch):
 
 
 @pytest.mark.parametrize("row", [0, 5, 10, 21])
-def test_user_errors_print_one_line_and_exit_1(row, matrix, reference_run):
+def test_user_errors_print_one_line_and_exit_1(row, matrix, reference_run, tmp_path):
     script, args, message = matrix[row]
     if not any(a.startswith("--checkpoint_dir") for a in args):
         args = [*args, f"--checkpoint_dir={reference_run}"]
+    if not any(a.startswith("--out_dir") for a in args):
+        args = [*args, f"--out_dir={tmp_path}/out"]
     result = run_script(script, *args, check=False)
     err = result.stderr.strip()
     assert result.returncode == 1 and err == f"error: {err[7:]}" and message in err
