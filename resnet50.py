@@ -78,7 +78,6 @@ ensure_writable_dir(out_dir)
 device_ = pick_device(device)
 generator = seed_everything(seed)
 norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-RESNETS = {"ResNet50": ResNet50, "AttentionMaskingResNet50": AttentionMaskingResNet50}
 
 # ------------------------------------------------------------------------------------------------
 splits = load_celeba(data_dir, target_attributes, spurious_attribute, image_size, subset_size, eval_subset_size, seed)
