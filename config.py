@@ -34,8 +34,8 @@ def _excepthook(kind, value, traceback) -> None:
         print(f"error: {value}", file=sys.stderr)
         sys.exit(1)
     if issubclass(kind, KeyboardInterrupt):
-        print("interrupted: every finished epoch is saved in the checkpoints; run the same command with "
-              "--resume=True to continue", file=sys.stderr)
+        print("interrupted: the checkpoints hold the run up to its last finished training step; run the same "
+              "command with --resume=True to continue", file=sys.stderr)
         sys.exit(130)
     sys.__excepthook__(kind, value, traceback)
 

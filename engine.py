@@ -1,6 +1,9 @@
 """The training and inference loops every script shares: ``train_epoch`` and ``predict``."""
 import hashlib
 import math
+import os
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -19,47 +22,84 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).sum().item()
 
 
+class StopRequest:
+    """While active, Ctrl-C (SIGINT) only sets ``requested``: the loop finishes its step, saves, then stops.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.requested and kind is None:  # arrived after the loop's last check: stop now
+            raise KeyboardInterrupt
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 *, batch_size: int, device: torch.device, generator: torch.Generator, mean: tuple, std: tuple,
                 augment: bool = True, loss_fn: Callable = F.cross_entropy,
-                lr_schedule: Callable[[float], float] | None = None, epoch: int = 0,
-                desc: str = "train") -> dict:
+                lr_schedule: Callable[[float], float] | None = None, epoch: int = 0, desc: str = "train",
+                partial: dict | None = None, save_partial: Callable[[dict], None] | None = None) -> dict:
     """One epoch over uint8 ``images`` in ``randperm`` order (from ``generator``), batched augmentation.
 
     ``lr_schedule(progress)`` gives the learning rate at a fractional epoch count. A non-finite loss stops
-    the run with a UserError (the caller's checkpoints stay as they were).
+    the run with a UserError (the caller's checkpoints stay as they were). On Ctrl-C the current step is
+    finished, ``save_partial(state)`` stores where the epoch stopped and KeyboardInterrupt is raised; passing
+    that state back as ``partial`` continues the epoch exactly (same batches, same augmentation draws).
     """
     model.train()
     start = time.time()
+    epoch_generator_state = generator.get_state() if partial is None else partial["epoch_generator_state"]
+    generator.set_state(epoch_generator_state)
     batches = batch_order(len(images), batch_size, generator)
-    order_hash = hashlib.sha1()
-    total_loss, total_correct, seen = 0.0, 0.0, 0
-    bar = progress(batches, desc=desc)
-    for step, index in enumerate(bar):
-        if lr_schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule(epoch + step / len(batches))
-        order_hash.update(index.numpy().tobytes())
-        x = images[index.to(images.device)]
-        if augment:
-            x = augment_flip_crop(x, generator)
-        x = normalize(x.to(device, non_blocking=True), mean, std)
-        y = labels[index.to(labels.device)].to(device, non_blocking=True)
-        logits, _ = model(x)
-        loss = loss_fn(logits, y)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"{desc}: loss became {loss.item()} at step {step} of epoch {epoch + 1}; lower the "
-                            "learning rate (checkpoints already written are untouched)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(index)
-        total_correct += count_correct(logits.detach(), y)
-        seen += len(index)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
-    return {"loss": total_loss / seen, "train_accuracy": total_correct / seen, "seconds": time.time() - start,
-            "batch_order_sha1": order_hash.hexdigest()}
+    totals = {"loss": 0.0, "correct": 0.0, "seen": 0, "order_sha1": ""}
+    first_step = 0
+    if partial is not None:  # continue an interrupted epoch after its last finished step
+        generator.set_state(partial["generator_state"])
+        totals, first_step = dict(partial["totals"]), partial["step"]
+    bar = progress(batches[first_step:], desc=desc, initial=first_step, total=len(batches))
+    with StopRequest() as stop:
+        for step, index in enumerate(bar, start=first_step):
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule(epoch + step / len(batches))
+            x = images[index.to(images.device)]
+            if augment:
+                x = augment_flip_crop(x, generator)
+            x = normalize(x.to(device, non_blocking=True), mean, std)
+            y = labels[index.to(labels.device)].to(device, non_blocking=True)
+            logits, _ = model(x)
+            loss = loss_fn(logits, y)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"{desc}: loss became {loss.item()} at step {step} of epoch {epoch + 1}; lower the "
+                                "learning rate (checkpoints already written are untouched)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals["loss"] += loss.item() * len(index)
+            totals["correct"] += count_correct(logits.detach(), y)
+            totals["seen"] += len(index)
+            totals["order_sha1"] = hashlib.sha1(totals["order_sha1"].encode() + index.numpy().tobytes()).hexdigest()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
+                                acc=f"{totals['correct'] / totals['seen']:.3f}")
+            if stop.requested:
+                if save_partial is not None:
+                    save_partial({"step": step + 1, "epoch_generator_state": epoch_generator_state,
+                                  "generator_state": generator.get_state(), "totals": totals})
+                raise KeyboardInterrupt
+    return {"loss": totals["loss"] / totals["seen"], "train_accuracy": totals["correct"] / totals["seen"],
+            "seconds": time.time() - start, "batch_order_sha1": totals["order_sha1"]}
 
 
 @torch.no_grad()
@@ -96,18 +136,37 @@ def format_stats(stage: str, stats: dict) -> str:
 
 def finetune(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
              epochs: int, learning_rate: float, data_seed: int, evaluate: Callable[[nn.Module], dict],
-             desc: str, **train_kwargs) -> dict:
+             desc: str, config: dict, partial_path: str, resume: bool = False, **train_kwargs) -> dict:
     """Fine-tune ``model`` (already holding its starting weights and optimizer state) at a constant learning
     rate. The batch order and augmentation come from ``data_seed`` alone, so MaskTune and its controls see
-    the same batches; the returned stats fingerprint both the starting weights and the batch order."""
+    the same batches; the returned stats fingerprint both the starting weights and the batch order.
+
+    Ctrl-C saves the interrupted fine-tune to ``partial_path``, from which ``resume`` continues it exactly;
+    the file is removed once the fine-tune is complete.
+    """
+    from checkpoint import load_weights, resumable, save_checkpoint
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
     start_sha1 = weights_sha1(model)
     data_order = torch.Generator().manual_seed(data_seed)
-    for epoch in range(epochs):
-        stats = train_epoch(model, optimizer, images, labels, generator=data_order, desc=desc, **train_kwargs)
+    first_epoch, partial = 0, None
+    saved = resumable(partial_path, config) if resume else None
+    if saved is not None:
+        load_weights(model, saved, partial_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        first_epoch, partial, start_sha1 = saved["epoch"], saved["partial"], saved["start_weights_sha1"]
+        print(f"resuming {desc} in epoch {first_epoch + 1} at step {partial['step']} from {partial_path}")
+    for epoch in range(first_epoch, epochs):
+        def save_partial(state: dict, epoch: int = epoch) -> None:
+            save_checkpoint(partial_path, model, optimizer, config, epoch, {}, stage=f"{desc} (interrupted)",
+                            partial=state, start_weights_sha1=start_sha1)
+        stats = train_epoch(model, optimizer, images, labels, generator=data_order, desc=desc, partial=partial,
+                            save_partial=save_partial, **train_kwargs)
+        partial = None
         stats.update(evaluate(model))
         print(format_stats(f"{desc} epoch {epoch + 1}/{epochs}", stats))
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
     return {**stats, "start_weights_sha1": start_sha1}
 
 
@@ -115,21 +174,26 @@ def train_erm(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
               epochs: int, generator: torch.Generator, evaluate: Callable[[nn.Module], dict], config: dict,
               best_path: str, last_path: str, resume: bool, **train_kwargs) -> list[dict]:
     """ERM training: after every epoch the best-validation model goes to ``best_path`` and the full state
-    (weights, optimizer, data-order generator, history) to ``last_path``, from which ``resume`` continues
-    exactly. Returns the per-epoch history."""
+    (weights, optimizer, data-order generator, history) to ``last_path``; Ctrl-C also saves the interrupted
+    epoch there. ``resume`` continues exactly from ``last_path``. Returns the per-epoch history."""
     from checkpoint import load_weights, resumable, save_checkpoint
-    history, best, start = [], -1.0, 0
+    history, best, start, partial = [], -1.0, 0, None
     last = resumable(last_path, config) if resume else None
     if last is not None:
         load_weights(model, last, last_path)
         optimizer.load_state_dict(last["optimizer"])
         generator.set_state(last["generator_state"])
-        history, best, start = last["metrics"]["history"], last["best"], last["epoch"]
-        print(f"resuming after ERM epoch {start} from {last_path}")
+        history, best, start, partial = last["metrics"]["history"], last["best"], last["epoch"], last.get("partial")
+        where = f"epoch {start + 1} at step {partial['step']}" if partial else f"after ERM epoch {start}"
+        print(f"resuming ERM {where} from {last_path}")
     for epoch in range(start, epochs):
+        def save_partial(state: dict, epoch: int = epoch) -> None:
+            save_checkpoint(last_path, model, optimizer, config, epoch, {"history": history}, stage="erm",
+                            best=best, generator_state=generator.get_state(), partial=state)
         desc = f"ERM epoch {epoch + 1}/{epochs}"
         stats = train_epoch(model, optimizer, images, labels, generator=generator, epoch=epoch, desc=desc,
-                            **train_kwargs)
+                            partial=partial, save_partial=save_partial, **train_kwargs)
+        partial = None
         stats.update(evaluate(model))
         history.append({"epoch": epoch + 1, **stats})
         print(format_stats(desc, stats))

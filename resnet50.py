@@ -149,7 +149,8 @@ for name, (net, net_optimizer, images, masked_fraction) in runs.items():
         continue
     stats = finetune(net, net_optimizer, images, train_labels, epochs=finetune_epochs,
                      learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
-                     desc=f"fine-tune {name}", **train_kwargs)
+                     config=config, partial_path=os.path.join(checkpoint_dir, f"resnet50_{name}.partial.pt"),
+                     resume=resume, desc=f"fine-tune {name}", **train_kwargs)
     stats["masked_fraction"] = masked_fraction
     save_checkpoint(path, net, net_optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
                     stage=f"finetune-{name}")

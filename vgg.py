@@ -176,7 +176,9 @@ for name, images in variants.items():
     optimizer.load_state_dict(erm_state["optimizer"])
     stats = finetune(model, optimizer, images, train_labels, epochs=finetune_epochs,
                      learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
-                     desc=f"fine-tune {name}", batch_size=batch_size, device=device_, augment=augment, **norm)
+                     config=config, partial_path=os.path.join(checkpoint_dir, f"vgg_{name}.partial.pt"),
+                     resume=resume, desc=f"fine-tune {name}", batch_size=batch_size, device=device_,
+                     augment=augment, **norm)
     stats["masked_fraction"] = masks_of[name].float().mean().item()
     save_checkpoint(path, model, optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
                     stage=f"finetune-{name}")

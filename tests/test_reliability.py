@@ -43,13 +43,56 @@ def test_interrupted_run_resumes_to_the_same_result(reference_run, cifar_dir, tm
     if sig == signal.SIGINT:
         assert process.returncode == 130 and "--resume=True" in stderr and "Traceback" not in stderr
     resumed = run_script("vgg.py", *args[2:], "--resume=True")
-    assert "resuming after ERM epoch" in resumed.stdout
+    assert "resuming ERM" in resumed.stdout
     for name in ("initial", "finetuned", "nomask", "randommask"):
         ours = load_checkpoint(str(tmp_path / f"vgg_{name}.pt"))
         reference = load_checkpoint(os.path.join(reference_run, f"vgg_{name}.pt"))
         assert ours["metrics"]["test_accuracy"] == reference["metrics"]["test_accuracy"]
         for key, tensor in reference["model"].items():  # bit for bit
             assert torch.equal(ours["model"][key], tensor), (name, key)
+
+
+def _tiny_training(tmp_path, stage: str, interrupt_at: int | None = None, resume: bool = False):
+    """Two epochs of ERM or fine-tuning on 64 images; Ctrl-C (a real SIGINT) arrives during training step
+    ``interrupt_at`` (counted from 1), i.e. in the middle of the second epoch."""
+    import torch.nn.functional as F
+    from engine import finetune, train_erm
+    from models import VGG_MEAN, VGG_STD
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+    model = VGGWithAttention(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    steps = [0]
+
+    def loss_fn(logits, y):
+        steps[0] += 1
+        if steps[0] == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return F.cross_entropy(logits, y)
+
+    common = dict(batch_size=16, device=torch.device("cpu"), mean=VGG_MEAN, std=VGG_STD, loss_fn=loss_fn,
+                  evaluate=lambda m: {"val_accuracy": 0.5}, config={"seed": 0}, resume=resume)
+    if stage == "erm":
+        train_erm(model, optimizer, images, labels, epochs=2, generator=torch.Generator().manual_seed(0),
+                  best_path=str(tmp_path / "best.pt"), last_path=str(tmp_path / "last.pt"), **common)
+    else:
+        finetune(model, optimizer, images, labels, epochs=2, learning_rate=0.01, data_seed=1, desc="fine-tune",
+                 partial_path=str(tmp_path / "partial.pt"), **common)
+    return model
+
+
+@pytest.mark.parametrize("stage", ["erm", "finetune"])
+def test_ctrl_c_mid_epoch_saves_the_step_and_resumes_exactly(tmp_path, stage):
+    reference = _tiny_training(tmp_path / "reference", stage)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_training(tmp_path, stage, interrupt_at=6)
+    saved = load_checkpoint(str(tmp_path / ("last.pt" if stage == "erm" else "partial.pt")))
+    assert saved["epoch"] == 1 and saved["partial"]["step"] == 2  # after step 2 of the second epoch's 4
+    resumed = _tiny_training(tmp_path, stage, resume=True)
+    for key, tensor in reference.state_dict().items():  # bit for bit
+        assert torch.equal(resumed.state_dict()[key], tensor), key
+    assert not os.path.exists(tmp_path / "partial.pt")  # removed once the fine-tune is complete
 
 
 def test_resume_refuses_another_config(reference_run, cifar_dir):
