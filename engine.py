@@ -184,8 +184,8 @@ def train_erm(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         optimizer.load_state_dict(last["optimizer"])
         generator.set_state(last["generator_state"])
         history, best, start, partial = last["metrics"]["history"], last["best"], last["epoch"], last.get("partial")
-        where = f"epoch {start + 1} at step {partial['step']}" if partial else f"after ERM epoch {start}"
-        print(f"resuming ERM {where} from {last_path}")
+        where = f"in ERM epoch {start + 1} at step {partial['step']}" if partial else f"after ERM epoch {start}"
+        print(f"resuming {where} from {last_path}")
     for epoch in range(start, epochs):
         def save_partial(state: dict, epoch: int = epoch) -> None:
             save_checkpoint(last_path, model, optimizer, config, epoch, {"history": history}, stage="erm",

@@ -24,32 +24,45 @@ def reference_run(tmp_path_factory, cifar_dir):
     return ckpt
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_the_same_result(reference_run, cifar_dir, tmp_path, sig):
-    """Killed (SIGKILL) or interrupted (Ctrl-C) after its first epochs, then resumed: the final checkpoints
-    equal those of an uninterrupted run in another process bit for bit, which also shows that a seeded
-    CPU run is exactly repeatable."""
-    args = [sys.executable, os.path.join(ROOT, "vgg.py"), f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}",
-            f"--out_dir={tmp_path}/out", *TINY]
+def interrupt_and_resume(script: str, args: list, prefix: str, folder, reference: str, sig: int) -> None:
+    """Stop ``script`` with ``sig`` after its first ERM epoch, resume it, and check that every final
+    checkpoint equals the uninterrupted run's in ``reference`` bit for bit (in another process: a seeded
+    CPU run is exactly repeatable)."""
+    command = [sys.executable, os.path.join(ROOT, script), *args, f"--checkpoint_dir={folder}", f"--out_dir={folder}/out"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 120
-    while not os.path.exists(tmp_path / "vgg_last.pt") and time.time() < deadline:
+    while not os.path.exists(folder / f"{prefix}_last.pt") and time.time() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
-    assert not os.path.exists(tmp_path / "vgg_finetuned.pt")
+    assert not os.path.exists(folder / f"{prefix}_finetuned.pt")
     if sig == signal.SIGINT:
         assert process.returncode == 130 and "--resume=True" in stderr and "Traceback" not in stderr
-    resumed = run_script("vgg.py", *args[2:], "--resume=True")
-    assert "resuming ERM" in resumed.stdout
+    resumed = run_script(script, *command[2:], "--resume=True")
+    assert "resuming after ERM epoch" in resumed.stdout or "resuming in ERM epoch" in resumed.stdout
     for name in ("initial", "finetuned", "nomask", "randommask"):
-        ours = load_checkpoint(str(tmp_path / f"vgg_{name}.pt"))
-        reference = load_checkpoint(os.path.join(reference_run, f"vgg_{name}.pt"))
-        assert ours["metrics"]["test_accuracy"] == reference["metrics"]["test_accuracy"]
-        for key, tensor in reference["model"].items():  # bit for bit
+        ours = load_checkpoint(str(folder / f"{prefix}_{name}.pt"))
+        theirs = load_checkpoint(os.path.join(reference, f"{prefix}_{name}.pt"))
+        assert ours["metrics"]["test_accuracy"] == theirs["metrics"]["test_accuracy"]
+        for key, tensor in theirs["model"].items():
             assert torch.equal(ours["model"][key], tensor), (name, key)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_result(reference_run, cifar_dir, tmp_path, sig):
+    """vgg.py killed (SIGKILL) or interrupted (Ctrl-C) after its first epochs, then resumed."""
+    interrupt_and_resume("vgg.py", [f"--data_dir={cifar_dir}", *TINY], "vgg", tmp_path, reference_run, sig)
+
+
+def test_killed_resnet50_run_resumes_to_the_same_result(tmp_path):
+    data = write_celeba(str(tmp_path / "data"))
+    args = [f"--data_dir={data}", "--pretrained=False", "--image_size=32", "--num_epochs=2", "--batch_size=8",
+            "--eval_batch_size=32", "--target_attributes=[\"Blond_Hair\",\"Smiling\"]"]
+    run_script("resnet50.py", *args, f"--checkpoint_dir={tmp_path}/reference", f"--out_dir={tmp_path}/reference/out")
+    (tmp_path / "run").mkdir()
+    interrupt_and_resume("resnet50.py", args, "resnet50", tmp_path / "run", str(tmp_path / "reference"), signal.SIGKILL)
 
 
 def _tiny_training(tmp_path, stage: str, interrupt_at: int | None = None, resume: bool = False):
