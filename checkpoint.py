@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from config import UserError, check
+from distributed import barrier, is_main
 
 FORMAT_VERSION = 1
 
@@ -17,8 +18,12 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                     epoch: int, metrics: dict, **extra: Any) -> None:
     """Write a checkpoint atomically (temp file in the same folder, fsync, rename).
 
-    A crash mid-write leaves the previous file at ``path`` intact.
+    A crash mid-write leaves the previous file at ``path`` intact. Under torchrun only rank 0 writes and
+    the others wait until the file is there.
     """
+    if not is_main():
+        barrier()
+        return
     state = {
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
@@ -43,6 +48,7 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    barrier()
 
 
 def load_checkpoint(path: str, architecture: str | None = None, num_classes: int | None = None) -> dict:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from distributed import is_main
+
 CONFIG_TYPES = (bool, int, float, str, list, type(None))
 
 
@@ -87,7 +89,8 @@ def configure(variables: dict, argv: list[str] | None = None) -> dict:
         check(name in keys, f"unknown hyperparameter {name!r}; known: {', '.join(keys)}")
         variables[name] = parse_value(name, text, variables[name])
     config = {k: variables[k] for k in keys}
-    print("config: " + json.dumps(config))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 prints
+        print("config: " + json.dumps(config))
     return config
 
 
@@ -131,4 +134,4 @@ def ensure_writable_dir(path: str) -> str:
 
 def progress(iterable, desc: str = "", **kwargs):
     """A progress bar on terminals; silent when output goes to a file or CI log."""
-    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, desc=desc, leave=False, disable=None if is_main() else True, dynamic_ncols=True, **kwargs)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from config import UserError, progress
 from data import augment_flip_crop, batch_order, normalize
+from distributed import batch_slice, gather_rows, is_main, my_range, sum_all, world_size, wrap
 
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -56,8 +57,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     the run with a UserError (the caller's checkpoints stay as they were). On Ctrl-C the current step is
     finished, ``save_partial(state)`` stores where the epoch stopped and KeyboardInterrupt is raised; passing
     that state back as ``partial`` continues the epoch exactly (same batches, same augmentation draws).
+    Under torchrun every process draws the same global batch and trains on its slice of it (DDP).
     """
     model.train()
+    net = wrap(model)
     start = time.time()
     epoch_generator_state = generator.get_state() if partial is None else partial["epoch_generator_state"]
     generator.set_state(epoch_generator_state)
@@ -66,7 +69,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     first_step = 0
     if partial is not None:  # continue an interrupted epoch after its last finished step
         generator.set_state(partial["generator_state"])
-        totals, first_step = dict(partial["totals"]), partial["step"]
+        first_step = partial["step"]
+        if is_main():  # the saved totals are over all processes: counted once
+            totals = dict(partial["totals"])
+        else:
+            totals["order_sha1"] = partial["totals"]["order_sha1"]
     bar = progress(batches[first_step:], desc=desc, initial=first_step, total=len(batches))
     with StopRequest() as stop:
         for step, index in enumerate(bar, start=first_step):
@@ -74,11 +81,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
                 for group in optimizer.param_groups:
                     group["lr"] = lr_schedule(epoch + step / len(batches))
             x = images[index.to(images.device)]
-            if augment:
+            if augment:  # the whole global batch, so that every process makes the same random draws
                 x = augment_flip_crop(x, generator)
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            y = labels[index.to(labels.device)].to(device, non_blocking=True)
-            logits, _ = model(x)
+            x = normalize(batch_slice(x).to(device, non_blocking=True), mean, std)
+            y = batch_slice(labels[index.to(labels.device)]).to(device, non_blocking=True)
+            logits, _ = net(x)
             loss = loss_fn(logits, y)
             if not math.isfinite(loss.item()):
                 raise UserError(f"{desc}: loss became {loss.item()} at step {step} of epoch {epoch + 1}; lower the "
@@ -86,32 +93,41 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals["loss"] += loss.item() * len(index)
+            totals["loss"] += loss.item() * len(y)
             totals["correct"] += count_correct(logits.detach(), y)
-            totals["seen"] += len(index)
+            totals["seen"] += len(y)
             totals["order_sha1"] = hashlib.sha1(totals["order_sha1"].encode() + index.numpy().tobytes()).hexdigest()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
                                 acc=f"{totals['correct'] / totals['seen']:.3f}")
-            if stop.requested:
+            if stop.requested if world_size() == 1 else sum_all([float(stop.requested)])[0] > 0:
                 if save_partial is not None:
                     save_partial({"step": step + 1, "epoch_generator_state": epoch_generator_state,
-                                  "generator_state": generator.get_state(), "totals": totals})
+                                  "generator_state": generator.get_state(), "totals": _summed(totals)})
                 raise KeyboardInterrupt
+    totals = _summed(totals)
     return {"loss": totals["loss"] / totals["seen"], "train_accuracy": totals["correct"] / totals["seen"],
             "seconds": time.time() - start, "batch_order_sha1": totals["order_sha1"]}
+
+
+def _summed(totals: dict) -> dict:
+    """Loss, correct and seen counts summed over the processes (the batch-order fingerprint is shared)."""
+    loss, correct, seen = sum_all([totals["loss"], totals["correct"], totals["seen"]])
+    return {"loss": loss, "correct": correct, "seen": int(seen), "order_sha1": totals["order_sha1"]}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device, mean: tuple,
             std: tuple, desc: str = "predict") -> torch.Tensor:
-    """Logits for every image, in order, as a float CPU tensor (N, C)."""
+    """Logits for every image, in order, as a float CPU tensor (N, C). Under torchrun each process
+    predicts a contiguous share and every process gets the whole result."""
     model.eval()
+    mine = my_range(len(images))
     outputs = []
-    for index in progress(batch_order(len(images), batch_size, None), desc=desc):
-        x = normalize(images[index.to(images.device)].to(device, non_blocking=True), mean, std)
+    for index in progress(batch_order(len(mine), batch_size, None), desc=desc):
+        x = normalize(images[(index + mine.start).to(images.device)].to(device, non_blocking=True), mean, std)
         outputs.append(model(x)[0].float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
+    return gather_rows(torch.cat(outputs), len(images)) if outputs else torch.empty(0)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -165,7 +181,7 @@ def finetune(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
         partial = None
         stats.update(evaluate(model))
         print(format_stats(f"{desc} epoch {epoch + 1}/{epochs}", stats))
-    if os.path.exists(partial_path):
+    if is_main() and os.path.exists(partial_path):
         os.remove(partial_path)
     return {**stats, "start_weights_sha1": start_sha1}
 

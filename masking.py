@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from config import check, progress
 from data import batch_order, normalize
+from distributed import gather_rows, my_range
 
 STRATEGIES = ("attention", "xgradcam")
 
@@ -87,18 +88,20 @@ def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str, attenti
 def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean: tuple, std: tuple,
                   batch_size: int, device: torch.device, attention_quantile: float = 0.75,
                   num_std: float = 2.0, multilabel: bool = False, desc: str = "masking") -> torch.Tensor:
-    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device."""
+    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device.
+    Under torchrun each process masks a contiguous share and every process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
-    masks = torch.empty(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+    mine = my_range(len(images))
+    masks = torch.empty(len(mine), *images.shape[-2:], dtype=torch.bool, device=images.device)
     try:
-        for index in progress(batch_order(len(images), batch_size, None), desc=desc):
-            inputs = normalize(images[index].to(device, non_blocking=True), mean, std)
+        for index in progress(batch_order(len(mine), batch_size, None), desc=desc):
+            inputs = normalize(images[index + mine.start].to(device, non_blocking=True), mean, std)
             _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)
-    return masks
+    return gather_rows(masks, len(images))
 
 
 def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

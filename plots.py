@@ -7,8 +7,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from distributed import is_main  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
+    if not is_main():  # under torchrun, rank 0 draws
+        plt.close(fig)
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

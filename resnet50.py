@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from checkpoint import RUN_MODELS, load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import load_celeba
+from distributed import init_distributed, is_main
 from engine import accuracy, finetune, predict, train_erm
 from masking import apply_masks, compute_masks, random_masks_like
 from metrics import attribute_group_accuracy, attribute_metrics
@@ -75,7 +76,7 @@ check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
-device_ = pick_device(device)
+device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
 generator = seed_everything(seed)
 norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
@@ -175,6 +176,8 @@ for key in ("mean_accuracy", "mean_precision", "mean_recall", "mean_f1"):
 if "Blond_Hair" in target_attributes and spurious_attribute == "Male":
     print("Blond_Hair x Male worst-group accuracy (paper: ERM ~47%, MaskTune 78.0%): " + ", ".join(
         f"{n} {100 * results[n]['groups']['Blond_Hair']['worst_group_accuracy']:.2f}%" for n in names))
+if not is_main():  # under torchrun, rank 0 writes the tables
+    raise SystemExit(0)
 with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump({"models": results, "config": config, "test_images": len(test_set)}, f, indent=1)
 with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:

@@ -16,6 +16,7 @@ Figures (masks, training curves) and a summary JSON go to `out_dir`.
     python vgg.py --spurious_ratio=0.95            # plant a class-coloured patch: does MaskTune remove it?
     python vgg.py --masking=attention --erm_checkpoint=checkpoints/vgg_initial.pt --checkpoint_dir=checkpoints/att
 """
+import hashlib
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 from checkpoint import load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import experiment_data, normalize
+from distributed import init_distributed, is_main, world_size
 from engine import accuracy, finetune, predict, train_erm
 from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
@@ -74,7 +76,7 @@ check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
 check(0 <= masked_pixel_scale < 1, "masked_pixel_scale must be in [0, 1)")
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
-device_ = pick_device(device)
+device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
 generator = seed_everything(seed)
 norm = dict(mean=VGG_MEAN, std=VGG_STD)
 
@@ -148,6 +150,7 @@ mask_start = time.time()
 masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, device=device_,
                       attention_quantile=attention_quantile, num_std=mask_std, **norm)
 masked_fraction = masks.float().mean().item()
+masks_sha1 = hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()  # which masks a fine-tune saw
 mask_seconds = time.time() - mask_start
 print(f"masking ({masking}): {100 * masked_fraction:.2f}% of training pixels masked on average, "
       f"{mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)")
@@ -179,7 +182,7 @@ for name, images in variants.items():
                      config=config, partial_path=os.path.join(checkpoint_dir, f"vgg_{name}.partial.pt"),
                      resume=resume, desc=f"fine-tune {name}", batch_size=batch_size, device=device_,
                      augment=augment, **norm)
-    stats["masked_fraction"] = masks_of[name].float().mean().item()
+    stats.update(masked_fraction=masks_of[name].float().mean().item(), masks_sha1=masks_sha1)
     save_checkpoint(path, model, optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
                     stage=f"finetune-{name}")
     results[name] = stats
@@ -187,7 +190,10 @@ for name, images in variants.items():
 print(f"{'model':<12}{'test acc':>10}{'val acc':>10}")
 for name, stats in results.items():
     print(f"{name:<12}{100 * stats['test_accuracy']:>9.2f}%{100 * stats.get('val_accuracy', float('nan')):>9.2f}%")
-with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump({"config": config, "masked_fraction": masked_fraction, "mask_seconds": mask_seconds,
-               "results": {k: {m: v for m, v in s.items() if m != "history"} for k, s in results.items()}}, f, indent=1)
+if is_main():
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"config": config, "masked_fraction": masked_fraction, "masks_sha1": masks_sha1,
+                   "mask_seconds": mask_seconds, "processes": world_size(),
+                   "results": {k: {m: v for m, v in s.items() if m != "history"} for k, s in results.items()}},
+                  f, indent=1)
 print(f"checkpoints in {checkpoint_dir}/, figures and summary.json in {out_dir}/")
