@@ -35,12 +35,18 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         "metrics": dict(metrics),
         **extra,
     }
+    atomic_save(state, path)
+    barrier()
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, rename: ``path`` is never half-written."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,7 +54,6 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    barrier()
 
 
 def load_checkpoint(path: str, architecture: str | None = None, num_classes: int | None = None) -> dict:
@@ -88,7 +93,8 @@ def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.
     return model
 
 
-NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir")  # may change between a run and its resumption
+# settings that may change between a run and its resumption (they do not change the results)
+NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir", "decode_workers", "cache_dir")
 
 
 def resumable(path: str, config: dict) -> dict | None:

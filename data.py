@@ -5,6 +5,7 @@ any ImageFolder tree ``data_dir/{train,test}/<class>/<image>``. Either way a spl
 images as one ``(N, 3, H, W)`` uint8 tensor plus labels. Augmentation and normalisation are batched tensor
 operations on the device; masking a data set produces just another uint8 tensor.
 """
+import hashlib
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from config import UserError, check, progress
+from distributed import is_main
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -118,9 +120,10 @@ def _list_image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
     return classes, paths, labels
 
 
-def read_images(paths: list[str], size: int | tuple[int, int], desc: str = "decoding") -> torch.Tensor:
-    """Decode image files into one (N, 3, H, W) uint8 tensor, resizing where needed (threads: PIL
-    releases the GIL while decoding)."""
+def read_images(paths: list[str], size: int | tuple[int, int], desc: str = "decoding",
+                workers: int = 8) -> torch.Tensor:
+    """Decode image files into one (N, 3, H, W) uint8 tensor, resizing where needed, with ``workers``
+    threads (PIL releases the GIL while it decodes and resizes, so they run in parallel)."""
     from PIL import Image
     height, width = (size, size) if isinstance(size, int) else size
 
@@ -135,7 +138,7 @@ def read_images(paths: list[str], size: int | tuple[int, int], desc: str = "deco
             raise UserError(f"cannot read image {path!r} ({type(e).__name__}: {str(e)[:80]})") from None
 
     out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, os.cpu_count() or 1))) as pool:
         for i, array in enumerate(progress(pool.map(read, paths, chunksize=256), total=len(paths), desc=desc)):
             out[i] = array
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
@@ -351,26 +354,49 @@ def read_celeba_tables(attributes_path: str, partition_path: str) -> tuple[list[
     return [r[0] for r in body], names, (values == 1).float(), partition
 
 
-def read_images_cropped(paths: list[str], size: int, desc: str) -> torch.Tensor:
-    """Resize the shorter side to ``size`` and centre-crop (torchvision's Resize + CenterCrop)."""
+def read_images_cropped(paths: list[str], size: int, desc: str, workers: int = 8, cache_dir: str = "") -> torch.Tensor:
+    """Resize the shorter side to ``size`` and centre-crop (torchvision's Resize + CenterCrop).
+
+    With ``cache_dir`` the decoded uint8 tensor is kept there (one file per list of paths and size) and read
+    back instead of decoding on later runs.
+    """
+    cache = ""
+    if cache_dir:
+        key = hashlib.sha1(f"{size}\n".encode() + "\n".join(paths).encode()).hexdigest()[:16]
+        cache = os.path.join(cache_dir, f"images-{size}px-{len(paths)}-{key}.pt")
+        if os.path.exists(cache):
+            try:
+                return torch.load(cache, weights_only=True)
+            except Exception as e:  # a damaged cache is rebuilt, never trusted
+                print(f"cache {cache!r} unreadable ({type(e).__name__}); decoding again")
+    images = _decode_cropped(paths, size, desc, workers)
+    if cache and is_main():
+        from checkpoint import atomic_save
+        atomic_save(images, cache)
+    return images
+
+
+def _decode_cropped(paths: list[str], size: int, desc: str, workers: int) -> torch.Tensor:
     from PIL import Image
     first = Image.open(paths[0]) if paths else None
     check(first is not None, "no images to read")
     width, height = first.size
     scale = size / min(width, height)
     resized = (max(size, round(height * scale)), max(size, round(width * scale)))
-    images = read_images(paths, resized, desc)
+    images = read_images(paths, resized, desc, workers)
     top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
     return images[:, :, top:top + size, left:left + size].contiguous()
 
 
 def load_celeba(data_dir: str, target_attributes: list[str], spurious_attribute: str, image_size: int,
-                subset_size: int, eval_subset_size: int, seed: int) -> dict[str, ImageSet]:
+                subset_size: int, eval_subset_size: int, seed: int, workers: int = 8,
+                cache_dir: str = "") -> dict[str, ImageSet]:
     """CelebA's official train/valid/test partitions as ImageSets with 0/1 attribute labels.
 
     ``subset_size`` / ``eval_subset_size`` > 0 keep a random subset (fixed by ``seed``) of the training /
     validation and test images: decoded at ``image_size`` every image is held in memory.
-    ``patch_class`` holds the spurious attribute (0/1) of each image.
+    ``patch_class`` holds the spurious attribute (0/1) of each image. ``workers`` decoding threads;
+    ``cache_dir`` keeps the decoded images for the next run (see ``read_images_cropped``).
     """
     attributes_path, partition_path, image_dir = _celeba_files(data_dir)
     ids, names, values, partition = read_celeba_tables(attributes_path, partition_path)
@@ -388,7 +414,7 @@ def load_celeba(data_dir: str, target_attributes: list[str], spurious_attribute:
         if 0 < limit < len(index):
             index = index[torch.randperm(len(index), generator=generator)[:limit]].sort().values
         paths = [os.path.join(image_dir, ids[i]) for i in index.tolist()]
-        splits[split] = ImageSet(read_images_cropped(paths, image_size, f"decoding CelebA {split}"),
+        splits[split] = ImageSet(read_images_cropped(paths, image_size, f"decoding CelebA {split}", workers, cache_dir),
                                  values[index][:, columns], list(target_attributes), paths, index,
                                  patch_class=spurious[index])
     return splits

@@ -47,6 +47,8 @@ spurious_attribute = "Male"    # groups = (target attribute, this attribute); wo
 image_size = 224               # Resize + CenterCrop size
 subset_size = 1000             # random training images (0 = all); decoded images are held in memory
 eval_subset_size = 2000        # random validation and test images each (0 = all)
+decode_workers = 8             # threads decoding JPEGs (PIL decodes in parallel outside the GIL)
+cache_dir = ""                 # e.g. data/cache: keep the decoded images there and skip decoding next time
 pretrained = True              # ImageNet weights from torchvision (downloaded)
 weights_path = ""              # or a local torchvision resnet50 weights file
 # ERM training
@@ -81,7 +83,8 @@ generator = seed_everything(seed)
 norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 # ------------------------------------------------------------------------------------------------
-splits = load_celeba(data_dir, target_attributes, spurious_attribute, image_size, subset_size, eval_subset_size, seed)
+splits = load_celeba(data_dir, target_attributes, spurious_attribute, image_size, subset_size, eval_subset_size, seed,
+                     decode_workers, cache_dir)
 train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
 num_attributes = len(target_attributes)
 print(f"data: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test images, "

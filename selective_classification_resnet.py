@@ -49,7 +49,8 @@ models, states = load_run(checkpoint_dir, "resnet50", lambda s: RESNETS.get(s["a
                           device_)
 rc = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
 splits = load_celeba(rc["data_dir"], rc["target_attributes"], rc["spurious_attribute"], rc["image_size"],
-                     rc["subset_size"], rc["eval_subset_size"], rc["seed"])
+                     rc["subset_size"], rc["eval_subset_size"], rc["seed"], rc.get("decode_workers", 8),
+                     rc.get("cache_dir", ""))
 names = rc["target_attributes"]
 
 

@@ -144,3 +144,20 @@ def test_resnet50_resume_keeps_finished_work(resnet_run):
                         "--resume=True")
     assert "resuming after ERM epoch 1" in result.stdout and "fine-tune finetuned: done before" in result.stdout
     assert all(open(os.path.join(resnet_run["ckpt"], f"resnet50_{n}.pt"), "rb").read() == b for n, b in before.items())
+
+
+def test_decoded_images_cache_is_used_and_rebuilt_when_damaged(tmp_path, capsys):
+    data = write_celeba(str(tmp_path / "data"))
+    cache = tmp_path / "cache"
+    first = load_celeba(data, ["Smiling"], "Male", 32, 0, 0, 0, workers=2, cache_dir=str(cache))
+    files = sorted(os.listdir(cache))
+    assert len(files) == 3  # train, val, test
+    for name in files:  # a cached tensor is what is read back: decoding is skipped
+        torch.save(torch.full_like(torch.load(cache / name), 7), cache / name)
+    cached = load_celeba(data, ["Smiling"], "Male", 32, 0, 0, 0, cache_dir=str(cache))
+    assert all(bool((cached[s].images == 7).all()) for s in cached)
+    open(cache / files[0], "wb").write(b"damaged")
+    rebuilt = load_celeba(data, ["Smiling"], "Male", 32, 0, 0, 0, cache_dir=str(cache))
+    assert "decoding again" in capsys.readouterr().out
+    split = next(s for s in rebuilt if not bool((rebuilt[s].images == 7).all()))
+    assert torch.equal(rebuilt[split].images, first[split].images)
