@@ -46,11 +46,31 @@ class StopRequest:
             raise KeyboardInterrupt
 
 
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when ``amp`` (no loss scaling needed); a no-op context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool = False,
+                  compile_model: bool = False) -> nn.Module:
+    """Move ``model`` to ``device``; on CUDA, NHWC memory format (``channels_last``) and cuDNN autotuning;
+    ``compile_model``: torch.compile in place (the module keeps its class and state-dict names)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model.compile()
+    return model
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 *, batch_size: int, device: torch.device, generator: torch.Generator, mean: tuple, std: tuple,
                 augment: bool = True, loss_fn: Callable = F.cross_entropy,
                 lr_schedule: Callable[[float], float] | None = None, epoch: int = 0, desc: str = "train",
-                partial: dict | None = None, save_partial: Callable[[dict], None] | None = None) -> dict:
+                partial: dict | None = None, save_partial: Callable[[dict], None] | None = None,
+                amp: bool = False) -> dict:
     """One epoch over uint8 ``images`` in ``randperm`` order (from ``generator``), batched augmentation.
 
     ``lr_schedule(progress)`` gives the learning rate at a fractional epoch count. A non-finite loss stops
@@ -58,6 +78,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     finished, ``save_partial(state)`` stores where the epoch stopped and KeyboardInterrupt is raised; passing
     that state back as ``partial`` continues the epoch exactly (same batches, same augmentation draws).
     Under torchrun every process draws the same global batch and trains on its slice of it (DDP).
+    ``amp``: bf16 autocast on CUDA (no effect elsewhere).
     """
     model.train()
     net = wrap(model)
@@ -85,8 +106,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
                 x = augment_flip_crop(x, generator)
             x = normalize(batch_slice(x).to(device, non_blocking=True), mean, std)
             y = batch_slice(labels[index.to(labels.device)]).to(device, non_blocking=True)
-            logits, _ = net(x)
-            loss = loss_fn(logits, y)
+            with autocast(device, amp):
+                logits, _ = net(x)
+                loss = loss_fn(logits.float(), y)
             if not math.isfinite(loss.item()):
                 raise UserError(f"{desc}: loss became {loss.item()} at step {step} of epoch {epoch + 1}; lower the "
                                 "learning rate (checkpoints already written are untouched)")
@@ -118,7 +140,7 @@ def _summed(totals: dict) -> dict:
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device, mean: tuple,
-            std: tuple, desc: str = "predict") -> torch.Tensor:
+            std: tuple, desc: str = "predict", amp: bool = False) -> torch.Tensor:
     """Logits for every image, in order, as a float CPU tensor (N, C). Under torchrun each process
     predicts a contiguous share and every process gets the whole result."""
     model.eval()
@@ -126,7 +148,8 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: 
     outputs = []
     for index in progress(batch_order(len(mine), batch_size, None), desc=desc):
         x = normalize(images[(index + mine.start).to(images.device)].to(device, non_blocking=True), mean, std)
-        outputs.append(model(x)[0].float().cpu())
+        with autocast(device, amp):
+            outputs.append(model(x)[0].float().cpu())
     return gather_rows(torch.cat(outputs), len(images)) if outputs else torch.empty(0)
 
 

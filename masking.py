@@ -8,7 +8,8 @@ Strategies (``masking``):
              mean + 2 std of the image's positive CAM values masked.
   random     a control: per image, the saliency mask moved to a random place (same size and shape).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden. Masked pixels are multiplied by
-``masked_pixel_scale`` in raw pixel space (0: black, as in the paper; 0.5: the report's attenuation).
+``masked_pixel_scale`` in raw pixel space (0: black, as in the paper; 0.5: the report's attenuation), or
+filled from a random other image (``shuffled_fill``).
 """
 import torch
 import torch.nn as nn
@@ -119,7 +120,18 @@ def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.
     return masks[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def apply_masks(images: torch.Tensor, masks: torch.Tensor, masked_pixel_scale: float = 0.0) -> torch.Tensor:
-    """uint8 images with masked pixels scaled by ``masked_pixel_scale`` (0: black), as a new uint8 tensor."""
-    scale = torch.where(masks, masked_pixel_scale, 1.0).unsqueeze(1).to(images.device)
-    return (images.float() * scale).round().to(torch.uint8)
+def apply_masks(images: torch.Tensor, masks: torch.Tensor, masked_pixel_scale: float = 0.0,
+                fill: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images with masked pixels scaled by ``masked_pixel_scale`` (0: black), or, when ``fill`` is
+    given, replaced by the same pixels of ``fill``; a new uint8 tensor."""
+    masks = masks.unsqueeze(1).to(images.device)
+    if fill is not None:
+        return torch.where(masks, fill, images)
+    return (images.float() * torch.where(masks, masked_pixel_scale, 1.0)).round().to(torch.uint8)
+
+
+def shuffled_fill(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The ``shuffle`` fill: every image paired with a random other image of the set, whose pixels fill its
+    masked region. What the model relied on there is still shown, but now at random with respect to the
+    label, so fine-tuning unlearns it instead of merely not seeing it."""
+    return images[torch.randperm(len(images), generator=generator).to(images.device)]

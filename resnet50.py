@@ -30,7 +30,7 @@ from checkpoint import RUN_MODELS, load_checkpoint, load_weights, resumable, sav
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import load_celeba
 from distributed import init_distributed, is_main
-from engine import accuracy, finetune, predict, train_erm
+from engine import accuracy, finetune, predict, prepare_model, train_erm
 from masking import apply_masks, compute_masks, random_masks_like
 from metrics import attribute_group_accuracy, attribute_metrics
 from models import IMAGENET_MEAN, IMAGENET_STD, AttentionMaskingResNet50, ResNet50
@@ -59,6 +59,10 @@ momentum = 0.9                 # SGD momentum
 weight_decay = 1e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops
 eval_batch_size = 128          # evaluation and masking batch size
+# speed switches (CUDA only; no effect on CPU)
+amp = True                     # bf16 autocast for training and evaluation (masks are computed in fp32)
+channels_last = True           # NHWC memory format for the convolutions
+compile_model = False          # torch.compile the models: compilation takes a while, pays off on long runs
 # masking and fine-tuning
 masking = "xgradcam"           # "xgradcam" (paper: input masks) or "feature" (report: learned feature mask)
 mask_std = 2.0                 # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
@@ -91,13 +95,14 @@ print(f"data: {len(train_set)} train, {len(val_set)} validation, {len(test_set)}
       f"{num_attributes} attributes, {image_size}x{image_size}, device {device_}")
 train_images, train_labels = train_set.images.to(device_), train_set.labels.to(device_)
 train_kwargs = dict(batch_size=batch_size, device=device_, augment=augment,
-                    loss_fn=F.binary_cross_entropy_with_logits, **norm)
+                    loss_fn=F.binary_cross_entropy_with_logits, amp=amp, **norm)
+speed = dict(channels_last=channels_last, compile_model=compile_model)
 
 
 def evaluate(model) -> dict:
     """Mean attribute accuracy on the validation and test splits."""
     return {f"{name}_accuracy": accuracy(predict(model, s.images, batch_size=eval_batch_size, device=device_,
-                                                 desc=name, **norm), s.labels)
+                                                 desc=name, amp=amp, **norm), s.labels)
             for name, s in (("val", val_set), ("test", test_set))}
 
 
@@ -106,7 +111,7 @@ def new_optimizer(model) -> torch.optim.Optimizer:
 
 
 # 1. ERM ------------------------------------------------------------------------------------------
-model = ResNet50(num_attributes, pretrained, weights_path).to(device_)
+model = prepare_model(ResNet50(num_attributes, pretrained, weights_path), device_, **speed)
 optimizer = new_optimizer(model)
 initial_path = os.path.join(checkpoint_dir, "resnet50_initial.pt")
 erm_start = time.time()
@@ -119,7 +124,7 @@ print(f"ERM: best epoch {erm_state['epoch']}, {time.time() - erm_start:.0f}s")
 # 2. masking and fine-tuning ----------------------------------------------------------------------
 def erm_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A fresh copy of the best ERM model with its optimizer state."""
-    fresh = load_weights(ResNet50(num_attributes), erm_state, initial_path).to(device_)
+    fresh = prepare_model(load_weights(ResNet50(num_attributes), erm_state, initial_path), device_, **speed)
     fresh_optimizer = new_optimizer(fresh)
     fresh_optimizer.load_state_dict(erm_state["optimizer"])
     return fresh, fresh_optimizer
@@ -137,7 +142,7 @@ if masking == "xgradcam":
         runs["randommask"] = (*erm_model(), apply_masks(train_images, random_masks, masked_pixel_scale),
                               random_masks.float().mean().item())
 else:  # the report's learned feature mask: a new module, so both it and its control get a fresh optimizer
-    masking_model = AttentionMaskingResNet50.from_resnet(erm_model()[0])
+    masking_model = prepare_model(AttentionMaskingResNet50.from_resnet(erm_model()[0]), device_, **speed)
     runs["finetuned"] = (masking_model, new_optimizer(masking_model), train_images, 0.0)
 if controls:
     control, control_optimizer = erm_model()
@@ -162,7 +167,7 @@ for name, (net, net_optimizer, images, masked_fraction) in runs.items():
 
 # 3. evaluation on the test split -----------------------------------------------------------------
 probabilities = {n: predict(m, test_set.images, batch_size=eval_batch_size, device=device_, desc=f"test {n}",
-                            **norm).sigmoid() for n, m in models.items()}
+                            amp=amp, **norm).sigmoid() for n, m in models.items()}
 labels, spurious = test_set.labels, test_set.patch_class
 results = {}
 for n, p in probabilities.items():

@@ -27,8 +27,8 @@ from checkpoint import load_checkpoint, load_weights, resumable, save_checkpoint
 from config import check, configure, ensure_writable_dir, pick_device, seed_everything
 from data import experiment_data, normalize
 from distributed import init_distributed, is_main, world_size
-from engine import accuracy, finetune, predict, train_erm
-from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask
+from engine import accuracy, finetune, predict, prepare_model, train_erm
+from masking import STRATEGIES, apply_masks, compute_masks, random_masks_like, saliency_mask, shuffled_fill
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 from plots import save_mask_grid, save_training_curves
 
@@ -54,11 +54,16 @@ momentum = 0.9                 # SGD momentum (Nesterov)
 weight_decay = 5e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops (batched, on the device)
 eval_batch_size = 1000         # batch size for evaluation and masking
+# speed switches (CUDA only; no effect on CPU)
+amp = True                     # bf16 autocast for training and evaluation (masks are computed in fp32)
+channels_last = True           # NHWC memory format for the convolutions
+compile_model = False          # torch.compile the model: compilation takes a while, pays off on long runs
 # masking (computed once, with the frozen ERM model)
 masking = "xgradcam"           # "xgradcam" (paper) or "attention" (report)
 attention_quantile = 0.75      # attention: mask pixels above this per-image quantile of the map
 mask_std = 2.0                 # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
 masked_pixel_scale = 0.0       # masked pixels are multiplied by this (0 = black as in the paper; report: 0.5)
+mask_fill = "black"            # "black" (x masked_pixel_scale) or "shuffle": pixels of a random other image
 # fine-tuning
 finetune_epochs = 1            # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
 finetune_learning_rate = 2e-4  # constant learning rate of the fine-tuning epoch(s) (see README: measured)
@@ -74,6 +79,7 @@ check(0 <= momentum < 1 and weight_decay >= 0 and warmup_epochs >= 0, "momentum 
 check(masking in STRATEGIES, f"unknown masking strategy {masking!r}; use one of {', '.join(STRATEGIES)}")
 check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
 check(0 <= masked_pixel_scale < 1, "masked_pixel_scale must be in [0, 1)")
+check(mask_fill in ("black", "shuffle"), f"mask_fill must be 'black' or 'shuffle', got {mask_fill!r}")
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
@@ -93,7 +99,7 @@ eval_sets = {"val": val_set, "test": test_set} if val_set is not None else {"tes
 def evaluate(model) -> dict:
     """Clean accuracy on the validation and test sets."""
     return {f"{name}_accuracy": accuracy(predict(model, s.images, batch_size=eval_batch_size, device=device_,
-                                                 desc=name, **norm), s.labels) for name, s in eval_sets.items()}
+                                                 desc=name, amp=amp, **norm), s.labels) for name, s in eval_sets.items()}
 
 
 def data_settings(cfg: dict) -> dict:
@@ -105,7 +111,7 @@ def data_settings(cfg: dict) -> dict:
 
 
 # 1. ERM ------------------------------------------------------------------------------------------
-model = VGGWithAttention(num_classes).to(device_)
+model = prepare_model(VGGWithAttention(num_classes), device_, channels_last=channels_last, compile_model=compile_model)
 optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, nesterov=momentum > 0,
                             weight_decay=weight_decay)
 
@@ -134,7 +140,7 @@ else:
     history = train_erm(model, optimizer, train_images, train_labels, epochs=num_epochs, generator=generator,
                         evaluate=evaluate, config=config, best_path=initial_path, resume=resume,
                         last_path=os.path.join(checkpoint_dir, "vgg_last.pt"), batch_size=batch_size,
-                        device=device_, augment=augment, lr_schedule=erm_schedule, **norm)
+                        device=device_, augment=augment, lr_schedule=erm_schedule, amp=amp, **norm)
     save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
 
@@ -158,7 +164,8 @@ masks_of = {"finetuned": masks}
 if controls:  # the same fine-tune without masks, and with each mask moved to a random place
     masks_of["nomask"] = torch.zeros_like(masks)
     masks_of["randommask"] = random_masks_like(masks, generator)
-variants = {name: apply_masks(train_images, m, masked_pixel_scale) for name, m in masks_of.items()}
+fill = shuffled_fill(train_images, torch.Generator().manual_seed(seed + 2)) if mask_fill == "shuffle" else None
+variants = {name: apply_masks(train_images, m, masked_pixel_scale, fill) for name, m in masks_of.items()}
 
 examples = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:8]  # varied classes
 heatmaps, _ = saliency_mask(model, normalize(train_images[examples].to(device_), **norm), masking,
@@ -181,7 +188,7 @@ for name, images in variants.items():
                      learning_rate=finetune_learning_rate, data_seed=seed + 1, evaluate=evaluate,
                      config=config, partial_path=os.path.join(checkpoint_dir, f"vgg_{name}.partial.pt"),
                      resume=resume, desc=f"fine-tune {name}", batch_size=batch_size, device=device_,
-                     augment=augment, **norm)
+                     augment=augment, amp=amp, **norm)
     stats.update(masked_fraction=masks_of[name].float().mean().item(), masks_sha1=masks_sha1)
     save_checkpoint(path, model, optimizer, config, erm_state["epoch"] + finetune_epochs, stats,
                     stage=f"finetune-{name}")

@@ -7,7 +7,7 @@ from conftest import PATCH, patch_corner, planted_images
 from data import normalize
 from engine import accuracy, predict, train_epoch
 from masking import (apply_masks, compute_masks, mean_std_threshold, quantile_threshold, random_masks_like,
-                     saliency_mask, xgradcam_saliency)
+                     saliency_mask, shuffled_fill, xgradcam_saliency)
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 
 NORM = dict(mean=VGG_MEAN, std=VGG_STD)
@@ -32,6 +32,17 @@ def test_apply_masks_blackens_or_attenuates_only_masked_pixels():
     assert apply_masks(images, mask, 0.0)[0, :, 0, 0].tolist() == [0, 0, 0]
     assert apply_masks(images, mask, 0.5)[0, :, 0, 0].tolist() == [100, 100, 100]
     assert (apply_masks(images, mask, 0.0)[0, :, 1, 1] == 200).all()
+
+
+def test_shuffle_fill_copies_another_images_pixels_into_the_mask_only():
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    fill = shuffled_fill(images, torch.Generator().manual_seed(0))
+    assert sorted(fill[:, 0, 0, 0].tolist()) == [0, 1, 2, 3]  # a permutation of the set
+    mask = torch.zeros(4, 2, 2, dtype=torch.bool)
+    mask[:, 0, 1] = True
+    out = apply_masks(images, mask, fill=fill)
+    assert torch.equal(out[:, :, 0, 1], fill[:, :, 0, 1])
+    assert torch.equal(out[:, :, 1], images[:, :, 1]) and torch.equal(out[:, :, 0, 0], images[:, :, 0, 0])
 
 
 def test_random_masks_hide_as_many_pixels_elsewhere():
