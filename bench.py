@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from config import configure, pick_device, seed_everything
 from data import augment_flip_crop, normalize
-from engine import predict, train_epoch
+from engine import autocast, predict, prepare_model, train_epoch
 from masking import apply_masks, compute_masks
 from models import IMAGENET_MEAN, IMAGENET_STD, VGG_MEAN, VGG_STD, ResNet50, VGGWithAttention
 
@@ -32,6 +32,8 @@ resnet = True              # also measure ResNet50
 resnet_image_size = 64     # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
 resnet_images = 256        # synthetic images for ResNet50 measurements
 reference = True           # also time the reference implementations
+amp = True                 # CUDA only: bf16 autocast in this repo's training and evaluation (as in the scripts)
+channels_last = True       # CUDA only: NHWC convolutions (as in the scripts)
 quick = False              # tiny sizes: checks that everything runs, in seconds
 seed = 0                   # synthetic data and initialisation
 
@@ -41,8 +43,7 @@ if quick:
 device_ = pick_device(device)
 generator = seed_everything(seed)
 cpu = torch.device("cpu")
-if device_.type == "cuda":
-    torch.backends.cudnn.benchmark = True
+speed = dict(channels_last=channels_last)
 
 
 def sync() -> None:
@@ -64,7 +65,8 @@ def images_per_second(fn, n: int) -> float:
 def pure_compute(model, x_float: torch.Tensor, labels: torch.Tensor, loss_fn, optimizer) -> None:
     """The floor: forward + backward + step on ready-made float batches already on the device."""
     for i in range(0, len(x_float), batch_size):
-        loss = loss_fn(model(x_float[i:i + batch_size])[0], labels[i:i + batch_size])
+        with autocast(device_, amp):
+            loss = loss_fn(model(x_float[i:i + batch_size])[0].float(), labels[i:i + batch_size])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,10 +132,10 @@ print(f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 image
 images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
 labels = torch.randint(0, 10, (num_images,), generator=generator)
 images_d, labels_d = images.to(device_), labels.to(device_)
-model = VGGWithAttention(10).to(device_)
+model = prepare_model(VGGWithAttention(10), device_, **speed)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 norm = dict(mean=VGG_MEAN, std=VGG_STD)
-train = dict(batch_size=batch_size, device=device_, generator=generator, **norm)
+train = dict(batch_size=batch_size, device=device_, generator=generator, amp=amp, **norm)
 
 ready = normalize(augment_flip_crop(images_d, generator), **norm)  # prepared outside the timing
 floor = images_per_second(lambda: pure_compute(model, ready, labels_d, F.cross_entropy, optimizer), num_images)
@@ -153,21 +155,21 @@ masked = apply_masks(images_d, compute_masks(model, images_d, "xgradcam", batch_
 record("(c) VGG fine-tuning on the masked tensor",
        images_per_second(lambda: train_epoch(model, optimizer, masked, labels_d, augment=True, **train), num_images))
 record("(d) VGG evaluation", images_per_second(
-    lambda: predict(model, images_d, batch_size=eval_batch_size, device=device_, **norm), num_images))
+    lambda: predict(model, images_d, batch_size=eval_batch_size, device=device_, amp=amp, **norm), num_images))
 
 if resnet:
     size = resnet_image_size
     print(f"ResNet50, {resnet_images} synthetic {size}x{size} images, 10 attributes")
     r_images = torch.randint(0, 256, (resnet_images, 3, size, size), dtype=torch.uint8, generator=generator).to(device_)
     r_labels = torch.randint(0, 2, (resnet_images, 10), generator=generator).float().to(device_)
-    r_model = ResNet50(10).to(device_)
+    r_model = prepare_model(ResNet50(10), device_, **speed)
     r_optimizer = torch.optim.SGD(r_model.parameters(), lr=0.001, momentum=0.9)
     r_norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     r_batch = min(batch_size, 32)
     record("(a) ResNet50 training", images_per_second(lambda: train_epoch(
         r_model, r_optimizer, r_images, r_labels, batch_size=r_batch, device=device_, generator=generator,
-        loss_fn=F.binary_cross_entropy_with_logits, **r_norm), resnet_images))
+        loss_fn=F.binary_cross_entropy_with_logits, amp=amp, **r_norm), resnet_images))
     record("(b) ResNet50 masking, xgradcam", images_per_second(lambda: compute_masks(
         r_model, r_images, "xgradcam", batch_size=r_batch, device=device_, multilabel=True, **r_norm), resnet_images))
     record("(d) ResNet50 evaluation", images_per_second(lambda: predict(
-        r_model, r_images, batch_size=r_batch, device=device_, **r_norm), resnet_images))
+        r_model, r_images, batch_size=r_batch, device=device_, amp=amp, **r_norm), resnet_images))
