@@ -60,7 +60,8 @@ def shortcut_run(tmp_path_factory):
     ckpt, out = str(root / "ckpt"), str(root / "out")
     run_script("vgg.py", f"--data_dir={data}", f"--checkpoint_dir={ckpt}", f"--out_dir={out}", "--num_epochs=4",
                "--batch_size=32", "--val_size=60", "--spurious_ratio=1.0", "--spurious_patch_size=8",
-               "--augment=False", "--eval_batch_size=200", "--controls=False")
+               "--augment=False", "--eval_batch_size=200", "--controls=False", "--mask_fill=shuffle",
+               "--finetune_learning_rate=0.01")
     run_script("evaluate_vgg.py", f"--checkpoint_dir={ckpt}", f"--out_dir={out}/eval")
     return {"data": data, "ckpt": ckpt, "out": out}
 
@@ -77,6 +78,14 @@ def test_erm_learns_the_shortcut_and_groups_are_reported(shortcut_run):
     rows = open(os.path.join(shortcut_run["out"], "eval", "predictions.csv")).read().splitlines()
     assert rows[0].startswith("test_set,index,path,label,patch_class") and len(rows) == 1 + 3 * 200
     assert os.path.getsize(os.path.join(shortcut_run["out"], "eval", "conflicting_heatmaps.png")) > 1000
+
+
+def test_shuffle_filled_masks_unlearn_the_shortcut(shortcut_run):
+    """Fine-tuning on images whose masked region (mostly the patch) is filled from random other images shows
+    the patch colours at random with respect to the labels: the model stops following them."""
+    models = json.load(open(os.path.join(shortcut_run["out"], "eval", "metrics.json")))["models"]
+    erm, masktune = models["ERM"]["spurious"], models["MaskTune"]["spurious"]
+    assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.3  # the only signal here is the patch
 
 
 @pytest.mark.parametrize("strategy", ["attention", "xgradcam"])
