@@ -14,6 +14,9 @@ Figures (masks, training curves) and a summary JSON go to `out_dir`.
     python vgg.py --data_dir=/path/to/imagefolder  # train/<class>/*.jpg and test/<class>/*.jpg
     python vgg.py --dry_run=True                   # a few hundred images, to check the set-up
     python vgg.py --spurious_ratio=0.95            # plant a class-coloured patch: does MaskTune remove it?
+    python vgg.py --spurious_ratio=0.95 --masking=attention --mask_fill=shuffle --finetune_learning_rate=0.01
+                                                   # the variant that removes it (README: spurious-patch benchmark)
+    torchrun --nproc_per_node=2 vgg.py             # several GPUs or processes (DDP; see README)
     python vgg.py --masking=attention --erm_checkpoint=checkpoints/vgg_initial.pt --checkpoint_dir=checkpoints/att
 """
 import hashlib
