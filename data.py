@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import atomic_save
 from config import UserError, check, progress
 from distributed import is_main
 
@@ -371,7 +372,6 @@ def read_images_cropped(paths: list[str], size: int, desc: str, workers: int = 8
                 print(f"cache {cache!r} unreadable ({type(e).__name__}); decoding again")
     images = _decode_cropped(paths, size, desc, workers)
     if cache and is_main():
-        from checkpoint import atomic_save
         atomic_save(images, cache)
     return images
 

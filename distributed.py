@@ -64,9 +64,19 @@ def wrap(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def _share(n: int) -> int:
+    """Rows per process when ``n`` items are split into contiguous shares (the last one may be shorter)."""
+    return -(-n // world_size())
+
+
+def _communication_device() -> torch.device:
+    """Where collective operations need their tensors: this GPU for NCCL, the CPU for Gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def my_range(n: int) -> range:
     """This process's contiguous share of ``n`` items (for prediction and masking)."""
-    share = -(-n // world_size())
+    share = _share(n)
     return range(min(rank() * share, n), min((rank() + 1) * share, n))
 
 
@@ -74,11 +84,9 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     """Concatenate every process's ``my_range`` rows in rank order: the full (n, ...) tensor on every process."""
     if not dist.is_initialized():
         return local
-    share = -(-n // world_size())
-    padded = torch.zeros((share, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded = torch.zeros((_share(n), *local.shape[1:]), dtype=local.dtype, device=local.device)
     padded[:len(local)] = local
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    padded = padded.to(backend_device)
+    padded = padded.to(_communication_device())
     if padded.dtype == torch.bool:  # not every backend reduces or gathers bools
         padded = padded.to(torch.uint8)
     pieces = [torch.empty_like(padded) for _ in range(world_size())]
@@ -90,7 +98,6 @@ def sum_all(values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over the processes."""
     if not dist.is_initialized():
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor(values, dtype=torch.float64, device=device)
+    total = torch.tensor(values, dtype=torch.float64, device=_communication_device())
     dist.all_reduce(total)
     return total.tolist()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from config import UserError, progress
 from data import augment_flip_crop, batch_order, normalize
-from distributed import batch_slice, gather_rows, is_main, my_range, sum_all, world_size, wrap
+from distributed import batch_slice, gather_rows, is_main, my_range, sum_all, wrap
 
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -83,8 +83,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     model.train()
     net = wrap(model)
     start = time.time()
-    epoch_generator_state = generator.get_state() if partial is None else partial["epoch_generator_state"]
-    generator.set_state(epoch_generator_state)
+    if partial is not None:  # the batch order of the interrupted epoch is drawn again from its start state
+        generator.set_state(partial["epoch_generator_state"])
+    epoch_generator_state = generator.get_state()
     batches = batch_order(len(images), batch_size, generator)
     totals = {"loss": 0.0, "correct": 0.0, "seen": 0, "order_sha1": ""}
     first_step = 0
@@ -122,7 +123,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
                                 acc=f"{totals['correct'] / totals['seen']:.3f}")
-            if stop.requested if world_size() == 1 else sum_all([float(stop.requested)])[0] > 0:
+            if sum_all([float(stop.requested)])[0] > 0:  # any process asked: all stop after the same step
                 if save_partial is not None:
                     save_partial({"step": step + 1, "epoch_generator_state": epoch_generator_state,
                                   "generator_state": generator.get_state(), "totals": _summed(totals)})
