@@ -201,7 +201,8 @@ def augment_flip_crop(images: torch.Tensor, generator: torch.Generator, padding:
 
 
 def batch_order(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Index batches: a ``randperm`` shuffle when a generator is given, else in order."""
+    """Index batches: a ``randperm`` shuffle when a generator is given, else in order. For ``n == 0``, one
+    empty batch: a process with an empty share under torchrun still produces a (0, ...) output to gather."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return list(order.split(batch_size))
 

@@ -147,7 +147,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: 
         x = normalize(images[(index + mine.start).to(images.device)].to(device, non_blocking=True), mean, std)
         with autocast(device, amp):
             outputs.append(model(x)[0].float().cpu())
-    return gather_rows(torch.cat(outputs), len(images)) if outputs else torch.empty(0)
+    return gather_rows(torch.cat(outputs), len(images))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -39,3 +39,33 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]
     finetuned = load_checkpoint(str(tmp_path / "ckpt" / "vgg_finetuned.pt"))
     assert finetuned["metrics"]["masks_sha1"] == summary["masks_sha1"]
+
+
+FEWER_IMAGES_THAN_PROCESSES = '''
+import sys
+import torch
+from distributed import init_distributed, rank
+from engine import predict
+from masking import compute_masks
+from models import VGG_MEAN, VGG_STD, VGGWithAttention
+device = init_distributed(torch.device("cpu"))
+torch.manual_seed(0)  # the same model in every process
+model, images = VGGWithAttention(10), torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+logits = predict(model, images, batch_size=4, device=device, mean=VGG_MEAN, std=VGG_STD)
+masks = compute_masks(model, images, "xgradcam", batch_size=4, device=device, mean=VGG_MEAN, std=VGG_STD)
+torch.save({"logits": logits, "masks": masks}, f"{sys.argv[1]}/rank{rank()}.pt")
+'''
+
+
+def test_prediction_and_masking_with_fewer_images_than_processes(tmp_path):
+    """Process 1 has no image of its own: it must still take part in the gather (not hang) and get the result."""
+    script = tmp_path / "one_image.py"
+    script.write_text(FEWER_IMAGES_THAN_PROCESSES)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first["logits"].shape == (1, 10) and first["masks"].shape == (1, 32, 32)
+    assert torch.equal(first["logits"], second["logits"]) and torch.equal(first["masks"], second["masks"])
