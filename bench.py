@@ -8,9 +8,13 @@ On the current device, with synthetic data of CIFAR-10 size, in images/s:
       pytorch-grad-cam's XGradCAM followed by a per-image numpy mean + 2 std threshold;
   (c) fine-tuning (training on the masked tensor) and (d) evaluation;
   and the same for ResNet50 at `resnet_image_size`.
+This repo's path runs as the scripts do (``amp``, ``channels_last``); the references run the usual way, the
+same model in fp32 and NCHW. ``--amp=False --channels_last=False`` leaves only the data path and the
+algorithm to compare.
 
     python bench.py            # about a minute on 2 CPU cores
     python bench.py --quick    # seconds: a smoke test
+    python bench.py --amp=False --channels_last=False   # this repo in fp32 NCHW too
 """
 import time
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import autocast, configure, pick_device, seed_everything
+from config import autocast, configure, native_bf16, pick_device, seed_everything
 from data import augment_flip_crop, normalize
 from engine import predict, prepare_model, train_epoch
 from masking import apply_masks, compute_masks
@@ -32,8 +36,8 @@ resnet = True              # also measure ResNet50
 resnet_image_size = 64     # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
 resnet_images = 256        # synthetic images for ResNet50 measurements
 reference = True           # also time the reference implementations
-amp = True                 # CUDA only: bf16 autocast in this repo's training and evaluation (as in the scripts)
-channels_last = True       # CUDA only: NHWC convolutions (as in the scripts)
+amp = True                 # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), as in the scripts
+channels_last = True       # NHWC convolutions (CUDA and CPU), as in the scripts
 quick = False              # tiny sizes: checks that everything runs, in seconds
 seed = 0                   # synthetic data and initialisation
 
@@ -124,15 +128,18 @@ rows = []
 
 def record(task: str, ours: float, baseline: float | None = None, baseline_name: str = "") -> None:
     rows.append((task, ours, baseline, baseline_name))
-    ratio = f"{ours / baseline:6.2f}x {baseline_name}" if baseline else ""
+    ratio = f"{ours / baseline:6.2f}x {baseline_name} ({baseline:,.0f} img/s)" if baseline else ""
     print(f"{task:<44}{ours:>12,.0f} img/s   {ratio}", flush=True)
 
 
-print(f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 images")
+precision = "bf16 autocast" if amp and native_bf16(device_) else "fp32"
+print(f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 images; this repo: {precision}, "
+      f"{'channels_last' if channels_last else 'NCHW'}; references: fp32, NCHW")
 images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
 labels = torch.randint(0, 10, (num_images,), generator=generator)
 images_d, labels_d = images.to(device_), labels.to(device_)
 model = prepare_model(VGGWithAttention(10), device_, **speed)
+plain_model = VGGWithAttention(10).to(device_)  # for the references: fp32, NCHW
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 norm = dict(mean=VGG_MEAN, std=VGG_STD)
 train = dict(batch_size=batch_size, device=device_, generator=generator, amp=amp, **norm)
@@ -141,17 +148,19 @@ ready = normalize(augment_flip_crop(images_d, generator), **norm)  # prepared ou
 floor = images_per_second(lambda: pure_compute(model, ready, labels_d, F.cross_entropy, optimizer), num_images)
 record("VGG pure model compute (floor)", floor)
 ours = images_per_second(lambda: train_epoch(model, optimizer, images_d, labels_d, augment=True, **train), num_images)
-baseline = images_per_second(lambda: dataloader_reference(model, images, labels, optimizer, VGG_MEAN, VGG_STD),
-                             num_images) if reference else None
+plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+baseline = images_per_second(lambda: dataloader_reference(plain_model, images, labels, plain_optimizer, VGG_MEAN,
+                                                          VGG_STD), num_images) if reference else None
 record("(a) VGG ERM training, this repo", ours, baseline, "DataLoader+PIL")
 print(f"{'':<44}{100 * ours / floor:>11.0f}% of the pure model compute")
 for strategy in ("attention", "xgradcam"):
     mask_rate = images_per_second(lambda: compute_masks(model, images_d, strategy, batch_size=eval_batch_size,
-                                                        device=device_, **norm), num_images)
-    baseline = images_per_second(lambda: gradcam_reference(model, images, VGG_MEAN, VGG_STD), num_images) \
+                                                        device=device_, amp=amp, **norm), num_images)
+    baseline = images_per_second(lambda: gradcam_reference(plain_model, images, VGG_MEAN, VGG_STD), num_images) \
         if reference and strategy == "xgradcam" else None
     record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
-masked = apply_masks(images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, device=device_, **norm))
+masked = apply_masks(images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, device=device_,
+                                             amp=amp, **norm))
 record("(c) VGG fine-tuning on the masked tensor",
        images_per_second(lambda: train_epoch(model, optimizer, masked, labels_d, augment=True, **train), num_images))
 record("(d) VGG evaluation", images_per_second(
@@ -170,6 +179,7 @@ if resnet:
         r_model, r_optimizer, r_images, r_labels, batch_size=r_batch, device=device_, generator=generator,
         loss_fn=F.binary_cross_entropy_with_logits, amp=amp, **r_norm), resnet_images))
     record("(b) ResNet50 masking, xgradcam", images_per_second(lambda: compute_masks(
-        r_model, r_images, "xgradcam", batch_size=r_batch, device=device_, multilabel=True, **r_norm), resnet_images))
+        r_model, r_images, "xgradcam", batch_size=r_batch, device=device_, multilabel=True, amp=amp, **r_norm),
+        resnet_images))
     record("(d) ResNet50 evaluation", images_per_second(lambda: predict(
         r_model, r_images, batch_size=r_batch, device=device_, amp=amp, **r_norm), resnet_images))
