@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch.nn as nn
 
 from conftest import PATCH, patch_corner, planted_images
 from data import normalize
-from engine import accuracy, predict, train_epoch
+from engine import accuracy, predict, prepare_model, train_epoch
 from masking import (apply_masks, compute_masks, mean_std_threshold, quantile_threshold, random_masks_like,
                      saliency_mask, shuffled_fill, xgradcam_saliency)
 from models import VGG_MEAN, VGG_STD, VGGWithAttention
@@ -103,12 +105,16 @@ def planted_model():
 
 
 @pytest.mark.parametrize("strategy", ["attention", "xgradcam"])
-def test_masks_cover_the_planted_patch(planted_model, strategy):
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "amp_channels_last"])
+def test_masks_cover_the_planted_patch(planted_model, strategy, fast):
     """attention masks a fixed 25% of each image: it must contain the whole square; xgradcam's
     mean + 2 std masks about as many pixels as the square has: most must lie on it (the 8x8 CAM is
-    upsampled from 4x4-pixel cells, so its edges blur a little past the square)."""
+    upsampled from 4x4-pixel cells, so its edges blur a little past the square). The same with the scripts'
+    speed settings (a bf16 trunk where bf16 is native, NHWC)."""
     model, images, labels = planted_model
-    masks = compute_masks(model, images, strategy, batch_size=64, device=torch.device("cpu"), **NORM)
+    if fast:
+        model = prepare_model(copy.deepcopy(model), torch.device("cpu"), channels_last=True)
+    masks = compute_masks(model, images, strategy, batch_size=64, device=torch.device("cpu"), amp=fast, **NORM)
     patch = torch.zeros_like(masks)
     for i, c in enumerate(labels.tolist()):
         row, col = patch_corner(c)
