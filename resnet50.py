@@ -59,7 +59,7 @@ momentum = 0.9                 # SGD momentum
 weight_decay = 1e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops
 eval_batch_size = 128          # evaluation and masking batch size
-# speed switches (CUDA only; no effect on CPU)
+# speed switches (rounding changes, the method does not; README: Speed)
 amp = True                     # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), masking trunk included
 channels_last = True           # NHWC memory format for the convolutions
 compile_model = False          # torch.compile the models: compilation takes a while, pays off on long runs

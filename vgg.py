@@ -57,7 +57,7 @@ momentum = 0.9                 # SGD momentum (Nesterov)
 weight_decay = 5e-4            # L2 penalty
 augment = True                 # random flips and 4-pixel crops (batched, on the device)
 eval_batch_size = 1000         # batch size for evaluation and masking
-# speed switches (CUDA only; no effect on CPU)
+# speed switches (rounding changes, the method does not; README: Speed)
 amp = True                     # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), masking trunk included
 channels_last = True           # NHWC memory format for the convolutions
 compile_model = False          # torch.compile the model: compilation takes a while, pays off on long runs
