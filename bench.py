@@ -16,30 +16,32 @@ algorithm to compare.
     python bench.py --quick    # seconds: a smoke test
     python bench.py --amp=False --channels_last=False   # this repo in fp32 NCHW too
 """
+
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import autocast, configure, native_bf16, pick_device, seed_everything
-from data import augment_flip_crop, normalize
-from engine import predict, prepare_model, train_epoch
-from masking import apply_masks, compute_masks
-from models import IMAGENET_MEAN, IMAGENET_STD, VGG_MEAN, VGG_STD, ResNet50, VGGWithAttention
+from config import configure
+from data import draw_epoch, flip_crop
+from device import autocast, native_bf16, pick_device, prepare_model, seed_everything
+from engine import predict, train_epoch
+from masking import compute_masks, fill_masks
+from models import ResNet50, VGGWithAttention
 
-device = "auto"            # auto = cuda, then mps, then cpu
-batch_size = 128           # training batch size (all paths)
-eval_batch_size = 512      # evaluation and masking batch size
-num_images = 4096          # synthetic images per measurement
-resnet = True              # also measure ResNet50
-resnet_image_size = 64     # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
-resnet_images = 256        # synthetic images for ResNet50 measurements
-reference = True           # also time the reference implementations
-amp = True                 # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), as in the scripts
-channels_last = True       # NHWC convolutions (CUDA and CPU), as in the scripts
-quick = False              # tiny sizes: checks that everything runs, in seconds
-seed = 0                   # synthetic data and initialisation
+device = "auto"  # auto = cuda, then mps, then cpu
+batch_size = 128  # training batch size (all paths)
+eval_batch_size = 512  # evaluation and masking batch size
+num_images = 4096  # synthetic images per measurement
+resnet = True  # also measure ResNet50
+resnet_image_size = 64  # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
+resnet_images = 256  # synthetic images for ResNet50 measurements
+reference = True  # also time the reference implementations
+amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), as in the scripts
+channels_last = True  # NHWC convolutions (CUDA and CPU), as in the scripts
+quick = False  # tiny sizes: checks that everything runs, in seconds
+seed = 0  # synthetic data and initialisation
 
 config = configure(globals())
 if quick:
@@ -70,23 +72,27 @@ def pure_compute(model, x_float: torch.Tensor, labels: torch.Tensor, loss_fn, op
     """The floor: forward + backward + step on ready-made float batches already on the device."""
     for i in range(0, len(x_float), batch_size):
         with autocast(device_, amp):
-            loss = loss_fn(model(x_float[i:i + batch_size])[0].float(), labels[i:i + batch_size])
+            loss = loss_fn(model(x_float[i : i + batch_size])[0].float(), labels[i : i + batch_size])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
-def dataloader_reference(model, images: torch.Tensor, labels: torch.Tensor, optimizer, mean, std) -> None:
-    """A conventional loop: PIL images, torchvision transforms, DataLoader."""
+def dataloader_reference(model, images: torch.Tensor, labels: torch.Tensor, optimizer) -> None:
+    """A conventional loop: PIL images, torchvision transforms, DataLoader (the model normalises)."""
     from PIL import Image
     from torchvision import transforms
 
     class PILDataset(torch.utils.data.Dataset):
         def __init__(self):
             self.pil = [Image.fromarray(a) for a in images.permute(0, 2, 3, 1).numpy()]
-            self.transform = transforms.Compose([transforms.RandomCrop(images.shape[-1], padding=4, padding_mode="reflect"),
-                                                 transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                                                 transforms.Normalize(mean, std)])
+            self.transform = transforms.Compose(
+                [
+                    transforms.RandomCrop(images.shape[-1], padding=4, padding_mode="reflect"),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.PILToTensor(),
+                ]
+            )
 
         def __len__(self):
             return len(self.pil)
@@ -102,8 +108,8 @@ def dataloader_reference(model, images: torch.Tensor, labels: torch.Tensor, opti
         optimizer.step()
 
 
-def gradcam_reference(model, images: torch.Tensor, mean, std) -> None:
-    """pytorch-grad-cam's XGradCAM (CPU numpy, per-image OpenCV resize), then a per-image mean + 2 std mask."""
+def gradcam_reference(model, images: torch.Tensor) -> None:
+    """pytorch-grad-cam's XGradCAM (CPU numpy, per-image OpenCV resize), then per-image mean + 2 std masks."""
     from pytorch_grad_cam import XGradCAM
 
     class LogitsOnly(torch.nn.Module):
@@ -116,7 +122,7 @@ def gradcam_reference(model, images: torch.Tensor, mean, std) -> None:
 
     cam = XGradCAM(model=LogitsOnly(model), target_layers=[model.attention])
     for i in range(0, len(images), eval_batch_size):
-        heatmaps = cam(input_tensor=normalize(images[i:i + eval_batch_size].to(device_), mean, std), targets=None)
+        heatmaps = cam(input_tensor=images[i : i + eval_batch_size].to(device_).float(), targets=None)
         for h in heatmaps:
             positive = h[h > 0]
             threshold = positive.mean() + 2 * positive.std() if positive.size else np.inf
@@ -133,53 +139,88 @@ def record(task: str, ours: float, baseline: float | None = None, baseline_name:
 
 
 precision = "bf16 autocast" if amp and native_bf16(device_) else "fp32"
-print(f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 images; this repo: {precision}, "
-      f"{'channels_last' if channels_last else 'NCHW'}; references: fp32, NCHW")
+print(
+    f"device {device_}, batch {batch_size}, {num_images} synthetic 32x32 images; this repo: {precision}, "
+    f"{'channels_last' if channels_last else 'NCHW'}; references: fp32, NCHW"
+)
 images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
 labels = torch.randint(0, 10, (num_images,), generator=generator)
 images_d, labels_d = images.to(device_), labels.to(device_)
 model = prepare_model(VGGWithAttention(10), device_, **speed)
 plain_model = VGGWithAttention(10).to(device_)  # for the references: fp32, NCHW
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-norm = dict(mean=VGG_MEAN, std=VGG_STD)
-train = dict(batch_size=batch_size, device=device_, generator=generator, amp=amp, **norm)
+train = dict(batch_size=batch_size, amp=amp)
 
-ready = normalize(augment_flip_crop(images_d, generator), **norm)  # prepared outside the timing
-floor = images_per_second(lambda: pure_compute(model, ready, labels_d, F.cross_entropy, optimizer), num_images)
+batches = draw_epoch(num_images, num_images, generator, True, images_d.device)  # augmented outside the timing
+ready = flip_crop(images_d[batches[0].index], batches[0].flips, batches[0].shifts)
+floor = images_per_second(
+    lambda: pure_compute(model, ready, labels_d, F.cross_entropy, optimizer), num_images
+)
 record("VGG pure model compute (floor)", floor)
-ours = images_per_second(lambda: train_epoch(model, optimizer, images_d, labels_d, augment=True, **train), num_images)
+ours = images_per_second(
+    lambda: train_epoch(model, optimizer, images_d, labels_d, generator, **train), num_images
+)
 plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
-baseline = images_per_second(lambda: dataloader_reference(plain_model, images, labels, plain_optimizer, VGG_MEAN,
-                                                          VGG_STD), num_images) if reference else None
+baseline = (
+    images_per_second(lambda: dataloader_reference(plain_model, images, labels, plain_optimizer), num_images)
+    if reference
+    else None
+)
 record("(a) VGG ERM training, this repo", ours, baseline, "DataLoader+PIL")
 print(f"{'':<44}{100 * ours / floor:>11.0f}% of the pure model compute")
 for strategy in ("attention", "xgradcam"):
-    mask_rate = images_per_second(lambda: compute_masks(model, images_d, strategy, batch_size=eval_batch_size,
-                                                        device=device_, amp=amp, **norm), num_images)
-    baseline = images_per_second(lambda: gradcam_reference(plain_model, images, VGG_MEAN, VGG_STD), num_images) \
-        if reference and strategy == "xgradcam" else None
+    mask_rate = images_per_second(
+        lambda s=strategy: compute_masks(model, images_d, s, batch_size=eval_batch_size, amp=amp), num_images
+    )
+    baseline = (
+        images_per_second(lambda: gradcam_reference(plain_model, images), num_images)
+        if reference and strategy == "xgradcam"
+        else None
+    )
     record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
-masked = apply_masks(images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, device=device_,
-                                             amp=amp, **norm))
-record("(c) VGG fine-tuning on the masked tensor",
-       images_per_second(lambda: train_epoch(model, optimizer, masked, labels_d, augment=True, **train), num_images))
-record("(d) VGG evaluation", images_per_second(
-    lambda: predict(model, images_d, batch_size=eval_batch_size, device=device_, amp=amp, **norm), num_images))
+masked = fill_masks(
+    images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, amp=amp), "black"
+)
+record(
+    "(c) VGG fine-tuning on the masked tensor",
+    images_per_second(
+        lambda: train_epoch(model, optimizer, masked, labels_d, generator, **train), num_images
+    ),
+)
+record(
+    "(d) VGG evaluation",
+    images_per_second(lambda: predict(model, images_d, batch_size=eval_batch_size, amp=amp), num_images),
+)
 
 if resnet:
     size = resnet_image_size
     print(f"ResNet50, {resnet_images} synthetic {size}x{size} images, 10 attributes")
-    r_images = torch.randint(0, 256, (resnet_images, 3, size, size), dtype=torch.uint8, generator=generator).to(device_)
+    r_images = torch.randint(
+        0, 256, (resnet_images, 3, size, size), dtype=torch.uint8, generator=generator
+    ).to(device_)
     r_labels = torch.randint(0, 2, (resnet_images, 10), generator=generator).float().to(device_)
     r_model = prepare_model(ResNet50(10), device_, **speed)
     r_optimizer = torch.optim.SGD(r_model.parameters(), lr=0.001, momentum=0.9)
-    r_norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     r_batch = min(batch_size, 32)
-    record("(a) ResNet50 training", images_per_second(lambda: train_epoch(
-        r_model, r_optimizer, r_images, r_labels, batch_size=r_batch, device=device_, generator=generator,
-        loss_fn=F.binary_cross_entropy_with_logits, amp=amp, **r_norm), resnet_images))
-    record("(b) ResNet50 masking, xgradcam", images_per_second(lambda: compute_masks(
-        r_model, r_images, "xgradcam", batch_size=r_batch, device=device_, multilabel=True, amp=amp, **r_norm),
-        resnet_images))
-    record("(d) ResNet50 evaluation", images_per_second(lambda: predict(
-        r_model, r_images, batch_size=r_batch, device=device_, amp=amp, **r_norm), resnet_images))
+    record(
+        "(a) ResNet50 training",
+        images_per_second(
+            lambda: train_epoch(
+                r_model, r_optimizer, r_images, r_labels, generator, batch_size=r_batch, amp=amp
+            ),
+            resnet_images,
+        ),
+    )
+    record(
+        "(b) ResNet50 masking, xgradcam",
+        images_per_second(
+            lambda: compute_masks(
+                r_model, r_images, "xgradcam", batch_size=r_batch, multilabel=True, amp=amp
+            ),
+            resnet_images,
+        ),
+    )
+    record(
+        "(d) ResNet50 evaluation",
+        images_per_second(lambda: predict(r_model, r_images, batch_size=r_batch, amp=amp), resnet_images),
+    )

@@ -1,4 +1,6 @@
-"""Checkpoint I/O: atomic writes, ``weights_only`` loads, and a clear refusal of the wrong checkpoint."""
+"""Checkpoint I/O: atomic writes, ``weights_only`` loads, a clear refusal of the wrong checkpoint, and the
+output folders."""
+
 import os
 import pickle
 import tempfile
@@ -8,14 +10,22 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from config import UserError, check
+from console import UserError, check
 from distributed import barrier, is_main
+from models import ARCHITECTURES
 
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, config: dict,
-                    epoch: int, metrics: dict, **extra: Any) -> None:
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    config: dict,
+    epoch: int,
+    metrics: dict,
+    **extra: Any,
+) -> None:
     """Write a checkpoint atomically (temp file in the same folder, fsync, rename).
 
     A crash mid-write leaves the previous file at ``path`` intact. Under torchrun only rank 0 writes and
@@ -64,37 +74,51 @@ def load_checkpoint(path: str, architecture: str | None = None, num_classes: int
             warnings.simplefilter("ignore")  # torch warns about pickle protocols of foreign files
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{path!r} is not a readable checkpoint (it holds objects other than tensors and plain "
-                        "data; refused without running them)") from None
+        raise UserError(
+            f"{path!r} is not a readable checkpoint (it holds objects other than tensors and plain "
+            "data; refused without running them)"
+        ) from None
     except (RuntimeError, EOFError, ValueError, AttributeError, ImportError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path!r} is not a readable checkpoint ({first_line[:120]})") from None
-    check(isinstance(state, dict) and "format_version" in state and "model" in state,
-          f"{path!r} is not a checkpoint of this project")
-    check(state["format_version"] == FORMAT_VERSION,
-          f"{path!r} has checkpoint format {state['format_version']}, this code reads format {FORMAT_VERSION}")
+    check(
+        isinstance(state, dict) and "format_version" in state and "model" in state,
+        f"{path!r} is not a checkpoint of this project",
+    )
+    check(
+        state["format_version"] == FORMAT_VERSION,
+        f"{path!r} has checkpoint format {state['format_version']}, this code reads format {FORMAT_VERSION}",
+    )
     if architecture is not None:
-        check(state["architecture"] == architecture,
-              f"{path!r} holds a {state['architecture']}, expected a {architecture}")
+        check(
+            state["architecture"] == architecture,
+            f"{path!r} holds a {state['architecture']}, expected a {architecture}",
+        )
     if num_classes is not None:
-        check(state["num_classes"] == num_classes,
-              f"{path!r} has {state['num_classes']} classes, expected {num_classes}")
+        check(
+            state["num_classes"] == num_classes,
+            f"{path!r} has {state['num_classes']} classes, expected {num_classes}",
+        )
     return state
 
 
 def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.Module:
     """Copy checkpoint weights into ``model``; a mismatch names the differing tensors."""
-    check(state["architecture"] == type(model).__name__,
-          f"{path} holds a {state['architecture']}, expected a {type(model).__name__}")
+    check(
+        state["architecture"] == type(model).__name__,
+        f"{path} holds a {state['architecture']}, expected a {type(model).__name__}",
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise UserError(f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}") from None
+        raise UserError(
+            f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}"
+        ) from None
     return model
 
 
 # settings that may change between a run and its resumption (they do not change the results)
-NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir", "decode_workers", "cache_dir")
+NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir", "cache_dir", "checkpoint_dir")
 
 
 def resumable(path: str, config: dict) -> dict | None:
@@ -105,29 +129,55 @@ def resumable(path: str, config: dict) -> dict | None:
     theirs = {k: v for k, v in state["config"].items() if k not in NOT_RUN_SETTINGS}
     ours = {k: v for k, v in config.items() if k not in NOT_RUN_SETTINGS}
     differing = sorted(k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k))
-    check(not differing, f"cannot resume from {path!r}: it was written with other settings ("
-          + ", ".join(f"{k}={theirs.get(k)!r}" for k in differing) + "); use another checkpoint_dir or resume=False")
+    check(
+        not differing,
+        f"cannot resume from {path!r}: it was written with other settings ("
+        + ", ".join(f"{k}={theirs.get(k)!r}" for k in differing)
+        + "); use another checkpoint_dir or resume=False",
+    )
     return state
 
 
 # The models a MaskTune run writes, as ``{prefix}_{name}.pt``, and how results name them.
-RUN_MODELS = {"initial": "ERM", "finetuned": "MaskTune", "nomask": "no-mask control", "randommask": "random-mask control"}
+RUN_MODELS = {
+    "initial": "ERM",
+    "finetuned": "MaskTune",
+    "nomask": "no-mask control",
+    "randommask": "random-mask control",
+}
 
 
-def load_run(checkpoint_dir: str, prefix: str, build, device: torch.device) -> tuple[dict, dict]:
+def load_run(
+    checkpoint_dir: str, prefix: str, device: torch.device, architectures: tuple
+) -> tuple[dict, dict]:
     """Load a run's models (ERM and MaskTune required, controls when present): ({name: model}, {name: state}).
-
-    ``build(state)`` makes an empty model of the right shape from a checkpoint's contents.
-    """
+    Each must be one of ``architectures``."""
     models, states = {}, {}
     for name in RUN_MODELS:
         path = os.path.join(checkpoint_dir, f"{prefix}_{name}.pt")
         if name in ("nomask", "randommask") and not os.path.exists(path):
             continue
         states[name] = load_checkpoint(path)
-        models[name] = load_weights(build(states[name]), states[name], path).to(device).eval()
+        check(
+            states[name]["architecture"] in architectures,
+            f"{path!r} holds a {states[name]['architecture']}, expected a {' or '.join(architectures)}",
+        )
+        model = ARCHITECTURES[states[name]["architecture"]](states[name]["num_classes"])
+        models[name] = load_weights(model, states[name], path).to(device).eval()
     for name in ("nomask", "randommask"):
         if name in states:
-            check(states[name]["config"] == states["finetuned"]["config"],
-                  f"{prefix}_{name}.pt comes from another run than {prefix}_finetuned.pt")
+            check(
+                states[name]["config"] == states["finetuned"]["config"],
+                f"{prefix}_{name}.pt comes from another run than {prefix}_finetuned.pt",
+            )
     return models, states
+
+
+def ensure_writable_dir(path: str) -> str:
+    """Create ``path`` if needed and fail clearly when it cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create folder {path!r}: {e.strerror}") from None
+    check(os.access(path, os.W_OK), f"folder {path!r} is not writable")
+    return path

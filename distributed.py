@@ -9,6 +9,7 @@ function here is the single-process identity.
     torchrun --nproc_per_node=2 vgg.py --device=cpu     # Gloo, 2 CPU processes
     torchrun --nproc_per_node=8 vgg.py                  # NCCL, 8 GPUs of one node
 """
+
 import atexit
 import os
 import sys
@@ -53,15 +54,20 @@ def barrier() -> None:
 
 def batch_slice(batch: torch.Tensor) -> torch.Tensor:
     """This process's rows of a global batch (every world_size-th row)."""
-    return batch[rank()::world_size()] if dist.is_initialized() else batch
+    return batch[rank() :: world_size()] if dist.is_initialized() else batch
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """The model for a training epoch: DistributedDataParallel when distributed, else the model itself."""
+    """The model for a training step: its DistributedDataParallel wrapper when distributed (built on first use
+    and kept with the model), else the model itself."""
     if not dist.is_initialized():
         return model
-    device = next(model.parameters()).device
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if "_ddp" not in model.__dict__:  # a plain attribute, not a submodule: the state dict is unchanged
+        device = next(model.parameters()).device
+        model.__dict__["_ddp"] = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    return model.__dict__["_ddp"]
 
 
 def _share(n: int) -> int:
@@ -71,7 +77,11 @@ def _share(n: int) -> int:
 
 def _communication_device() -> torch.device:
     """Where collective operations need their tensors: this GPU for NCCL, the CPU for Gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def my_range(n: int) -> range:
@@ -81,11 +91,11 @@ def my_range(n: int) -> range:
 
 
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
-    """Concatenate every process's ``my_range`` rows in rank order: the full (n, ...) tensor on every process."""
+    """Concatenate every process's ``my_range`` rows in rank order: the full (n, ...) tensor everywhere."""
     if not dist.is_initialized():
         return local
     padded = torch.zeros((_share(n), *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[:len(local)] = local
+    padded[: len(local)] = local
     padded = padded.to(_communication_device())
     if padded.dtype == torch.bool:  # not every backend reduces or gathers bools
         padded = padded.to(torch.uint8)

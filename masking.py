@@ -6,17 +6,18 @@ Strategies (``masking``):
              ``attention_quantile`` masked (the report compared a raw-scale threshold with normalised maps).
   xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled, pixels above
              mean + 2 std of the image's positive CAM values masked.
-  random     a control: per image, the saliency mask moved to a random place (same size and shape).
-A mask is a bool tensor (N, H, W), True where a pixel is hidden. Masked pixels are multiplied by
-``masked_pixel_scale`` in raw pixel space (0: black, as in the paper; 0.5: the report's attenuation), or
-filled from a random other image (``shuffled_fill``).
+A mask is a bool tensor (N, H, W), True where a pixel is hidden; ``random_masks_like`` moves each mask to a
+random place (the random-mask control). ``fill_masks`` replaces the masked pixels: black as in the paper,
+or from a random other image (``shuffle``, ``swap``).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import autocast, check, progress
-from data import batch_order, normalize
+from console import check, progress
+from data import in_order
+from device import autocast, model_device
 from distributed import gather_rows, my_range
 
 STRATEGIES = ("attention", "xgradcam")
@@ -39,8 +40,13 @@ def attention_saliency(model: nn.Module, inputs: torch.Tensor, amp: bool = False
         return (cam - low) / (high - low).clamp_min(1e-12)
 
 
-def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor | None = None,
-                      multilabel: bool = False, amp: bool = False) -> torch.Tensor:
+def xgradcam_saliency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
     """XGradCAM (Fu et al. 2020) of ``targets`` (default: predicted class) for a batch: (B, H, W), >= 0.
     For multi-label logits (``multilabel``) the explained score is the sum of the predicted labels' evidence.
 
@@ -58,7 +64,7 @@ def xgradcam_saliency(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
             if targets is None:
                 targets = logits.argmax(1)
             score = logits.gather(1, targets.view(-1, 1)).sum()
-        grads, = torch.autograd.grad(score, feature_map)
+        (grads,) = torch.autograd.grad(score, feature_map)
     feature_map = feature_map.detach()
     weights = (grads * feature_map).sum((2, 3)) / (feature_map.sum((2, 3)) + 1e-7)
     cam = F.relu((weights[:, :, None, None] * feature_map).sum(1, keepdim=True))
@@ -79,12 +85,20 @@ def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
     return torch.quantile(cam.flatten(1), quantile, dim=1)
 
 
-def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str, attention_quantile: float = 0.75,
-                  num_std: float = 2.0, multilabel: bool = False, amp: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def saliency_mask(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    strategy: str,
+    attention_quantile: float = 0.75,
+    num_std: float = 2.0,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden. ``amp``: the
     trunk in bf16 where native (see ``trunk_features``)."""
-    check(strategy in STRATEGIES, f"unknown masking strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    check(
+        strategy in STRATEGIES, f"unknown masking strategy {strategy!r}; use one of {', '.join(STRATEGIES)}"
+    )
     if strategy == "attention":
         cam = attention_saliency(model, inputs, amp)
         threshold = quantile_threshold(cam, attention_quantile)
@@ -94,24 +108,43 @@ def saliency_mask(model: nn.Module, inputs: torch.Tensor, strategy: str, attenti
     return cam, (cam > threshold[:, None, None]) & (cam > 0)
 
 
-def compute_masks(model: nn.Module, images: torch.Tensor, strategy: str, *, mean: tuple, std: tuple,
-                  batch_size: int, device: torch.device, attention_quantile: float = 0.75,
-                  num_std: float = 2.0, multilabel: bool = False, amp: bool = False,
-                  desc: str = "masking") -> torch.Tensor:
+def compute_masks(
+    model: nn.Module,
+    images: torch.Tensor,
+    strategy: str,
+    *,
+    batch_size: int,
+    attention_quantile: float = 0.75,
+    num_std: float = 2.0,
+    multilabel: bool = False,
+    amp: bool = False,
+    desc: str = "masking",
+) -> torch.Tensor:
     """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device.
     Under torchrun each process masks a contiguous share and every process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
+    device = model_device(model)
     mine = my_range(len(images))
     masks = torch.empty(len(mine), *images.shape[-2:], dtype=torch.bool, device=images.device)
     try:
-        for index in progress(batch_order(len(mine), batch_size, None), desc=desc):
-            inputs = normalize(images[index + mine.start].to(device, non_blocking=True), mean, std)
+        for index in progress(in_order(len(mine), batch_size), desc=desc):
+            inputs = images[(index + mine.start).to(images.device)].to(device, non_blocking=True)
             _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel, amp)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)
     return gather_rows(masks, len(images))
+
+
+def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Each of the N images (N, ..., H, W) moved by (dy, dx) pixels, wrapping around the edges."""
+    n, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+    rows = (torch.arange(height, device=x.device) - dy.view(-1, 1)) % height  # (N, H)
+    cols = (torch.arange(width, device=x.device) - dx.view(-1, 1)) % width  # (N, W)
+    batch = torch.arange(n, device=x.device).view(-1, 1, 1)
+    moved = x.movedim((-2, -1), (1, 2))[batch, rows[:, :, None], cols[:, None, :]]
+    return moved.movedim((1, 2), (-2, -1))
 
 
 def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -121,26 +154,46 @@ def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.
     only in *where* it masks (scattered random pixels would be a different, noise-like corruption).
     """
     n, height, width = masks.shape
-    dy = torch.randint(0, height, (n, 1), generator=generator).to(masks.device)
-    dx = torch.randint(0, width, (n, 1), generator=generator).to(masks.device)
-    rows = (torch.arange(height, device=masks.device) - dy) % height   # (N, H)
-    cols = (torch.arange(width, device=masks.device) - dx) % width     # (N, W)
-    batch = torch.arange(n, device=masks.device).view(-1, 1, 1)
-    return masks[batch, rows[:, :, None], cols[:, None, :]]
+    dy = torch.randint(0, height, (n,), generator=generator).to(masks.device)
+    dx = torch.randint(0, width, (n,), generator=generator).to(masks.device)
+    return _shift(masks, dy, dx)
 
 
-def apply_masks(images: torch.Tensor, masks: torch.Tensor, masked_pixel_scale: float = 0.0,
-                fill: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 images with masked pixels scaled by ``masked_pixel_scale`` (0: black), or, when ``fill`` is
-    given, replaced by the same pixels of ``fill``; a new uint8 tensor."""
-    masks = masks.unsqueeze(1).to(images.device)
-    if fill is not None:
-        return torch.where(masks, fill, images)
-    return (images.float() * torch.where(masks, masked_pixel_scale, 1.0)).round().to(torch.uint8)
+def _centroids(masks: torch.Tensor) -> torch.Tensor:
+    """(N, 2) mean row and column of each mask's pixels (0 for an empty mask)."""
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(masks.shape[1], device=masks.device),
+            torch.arange(masks.shape[2], device=masks.device),
+            indexing="ij",
+        )
+    )
+    weights = masks.float()
+    return (weights[:, None] * coords).sum((2, 3)) / weights.sum((1, 2)).clamp_min(1)[:, None]
 
 
-def shuffled_fill(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The ``shuffle`` fill: every image paired with a random other image of the set, whose pixels fill its
-    masked region. What the model relied on there is still shown, but now at random with respect to the
-    label, so fine-tuning unlearns it instead of merely not seeing it."""
-    return images[torch.randperm(len(images), generator=generator).to(images.device)]
+FILLS = ("black", "shuffle", "swap")
+
+
+def fill_masks(
+    images: torch.Tensor, masks: torch.Tensor, fill: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 images with their masked pixels replaced; a new tensor.
+
+    black    zeros (the paper)
+    shuffle  the same pixels of a random other image of the set: what the model relied on there is still
+             shown, but now at random with respect to the label, so fine-tuning unlearns it instead of
+             merely not seeing it
+    swap     the masked region of a random other image, moved onto this one's (their mask centroids
+             aligned): a marker that moves from image to image lands where this image's marker was
+    """
+    check(fill in FILLS, f"unknown mask_fill {fill!r}; use one of {', '.join(FILLS)}")
+    masks = masks.to(images.device)
+    if fill == "black":
+        return torch.where(masks[:, None], torch.zeros((), dtype=images.dtype, device=images.device), images)
+    partner = torch.randperm(len(images), generator=generator).to(images.device)
+    source = images[partner]
+    if fill == "swap":
+        offset = (_centroids(masks) - _centroids(masks[partner])).round().long()
+        source = _shift(source, offset[:, 0], offset[:, 1])
+    return torch.where(masks[:, None], source, images)

@@ -1,8 +1,14 @@
-"""Metrics shared by the evaluation scripts: accuracies, group metrics, selective classification,
-risk-coverage curves, and mean +/- std over seeds. Inputs are plain tensors; outputs plain floats."""
+"""Accuracy metrics: per class, per group (worst, average, weighted by the training groups), per CelebA
+attribute, mean +/- std over seeds; and the evaluation table of a run's models on a test set. Inputs are
+plain tensors; outputs plain floats."""
+
+import csv
 import math
 
 import torch
+
+from checkpoint import RUN_MODELS
+from data import ImageSet
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
@@ -15,113 +21,28 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
     return out
 
 
-def group_accuracy(correct: torch.Tensor, groups: list) -> dict:
-    """Accuracy per group, their plain average, and the worst group (min over groups)."""
+def group_accuracy(correct: torch.Tensor, groups: list, train_groups: list | None = None) -> dict:
+    """Accuracy per group, their plain average, and the worst group (min over groups). With the training
+    images' groups, also the average weighted by their proportions in training (Waterbirds' convention),
+    over the groups present in both."""
     per_group = {}
     for g in sorted(set(groups), key=str):
         index = torch.tensor([x == g for x in groups])
         per_group[str(g)] = correct[index].float().mean().item()
-    return {"per_group": per_group, "group_count": {str(g): groups.count(g) for g in sorted(set(groups), key=str)},
-            "average_group_accuracy": sum(per_group.values()) / max(len(per_group), 1),
-            "worst_group_accuracy": min(per_group.values()) if per_group else float("nan"),
-            "worst_group": min(per_group, key=per_group.get) if per_group else None}
-
-
-def agreement_rule(pred_initial: torch.Tensor, pred_finetuned: torch.Tensor, conf_finetuned: torch.Tensor,
-                   labels: torch.Tensor, threshold: float, class_weights: torch.Tensor) -> dict:
-    """The report's selective rule: accept when both models predict the same class and the fine-tuned
-    model's confidence >= threshold * weight[predicted class].
-
-    Rates are over ALL samples (disagreements count as rejections). ``report_*`` repeat the report's own
-    definitions for comparison: its rejection rate counted only samples on which the models agreed.
-    """
-    n = len(labels)
-    agree = pred_initial == pred_finetuned
-    confident = conf_finetuned >= threshold * class_weights[pred_finetuned]
-    accepted = agree & confident
-    correct = pred_finetuned == labels
-    n_acc, n_agree = int(accepted.sum()), int(agree.sum())
-    return {
-        "accuracy_on_accepted": correct[accepted].float().mean().item() if n_acc else float("nan"),
-        "coverage": n_acc / n,
-        "rejection_rate": 1 - n_acc / n,
-        "agreement_rate": n_agree / n,
-        "accepted": n_acc, "total": n,
-        "report_rejection_rate": (n_agree - n_acc) / n_agree if n_agree else float("nan"),
+    out = {
+        "per_group": per_group,
+        "group_count": {str(g): groups.count(g) for g in sorted(set(groups), key=str)},
+        "average_group_accuracy": sum(per_group.values()) / max(len(per_group), 1),
+        "worst_group_accuracy": min(per_group.values()) if per_group else float("nan"),
+        "worst_group": min(per_group, key=per_group.get) if per_group else None,
     }
-
-
-def risk_coverage(scores: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coverage and risk (error on accepted) when accepting every sample with score >= each distinct score.
-
-    Tied scores are accepted together, so the curve does not depend on the order of ties.
-    """
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, errors = scores[order], (~correct[order].bool()).float()
-    cum_errors = errors.cumsum(0)
-    last_of_tie = torch.ones(len(s), dtype=torch.bool)
-    last_of_tie[:-1] = s[1:] != s[:-1]
-    count = torch.arange(1, len(s) + 1, dtype=torch.float)[last_of_tie]
-    return count / len(s), cum_errors[last_of_tie] / count
-
-
-def aurc(scores: torch.Tensor, correct: torch.Tensor) -> float:
-    """Area under the risk-coverage curve: mean over samples of the risk at that sample's own score
-    (Geifman et al.'s definition, with tied samples sharing the risk of their tie group)."""
-    coverage, risk = risk_coverage(scores, correct)
-    counts = torch.diff(torch.cat([torch.zeros(1), coverage * len(scores)]))
-    return (risk * counts).sum().item() / len(scores)
-
-
-def oracle_risk_coverage(correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The best possible ordering (all correct samples first): coverage, risk and AURC."""
-    n, n_correct = len(correct), int(correct.sum())
-    k = torch.arange(1, n + 1, dtype=torch.float)
-    risk = (k - n_correct).clamp_min(0) / k
-    return k / n, risk, risk.mean().item()
-
-
-def threshold_for_coverage(scores: torch.Tensor, target: float) -> float:
-    """The largest threshold t with fraction(scores >= t) >= target (-inf for a target of 1)."""
-    if target >= 1:
-        return float("-inf")
-    k = max(1, math.ceil(target * len(scores)))
-    return torch.sort(scores, descending=True).values[k - 1].item()
-
-
-def selective_at_threshold(scores: torch.Tensor, correct: torch.Tensor, threshold: float) -> dict:
-    accepted = scores >= threshold
-    n_acc = int(accepted.sum())
-    return {"coverage": n_acc / len(scores),
-            "accuracy_on_accepted": correct[accepted].float().mean().item() if n_acc else float("nan")}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
-def classification_scorers(logits_initial: torch.Tensor, logits_tuned: torch.Tensor, class_weights: torch.Tensor,
-                           tuned_name: str = "MaskTune") -> dict:
-    """Selective-classification scorers for single-label logits: {name: (scores, predictions)}.
-
-    agreement rule: agreements first, ranked by the tuned model's confidence / class weight (accepting
-                    scores >= 1 + t is exactly the report's rule at threshold t)
-    paper score:    max of softmax(softmax(z_erm) * softmax(z_tuned)), predicting its argmax
-    SR <model>:     softmax response (max probability) of one model alone
-    """
-    p_initial, p_tuned = logits_initial.softmax(1), logits_tuned.softmax(1)
-    conf_tuned, pred_tuned = p_tuned.max(1)
-    agree = (p_initial.argmax(1) == pred_tuned).float()
-    combined = (p_initial * p_tuned).softmax(1)
-    return {
-        f"agreement rule (ERM + {tuned_name})": (agree * 1e3 + conf_tuned / class_weights[pred_tuned], pred_tuned),
-        f"paper score (ERM x {tuned_name})": tuple(combined.max(1)),
-        f"SR {tuned_name}": (conf_tuned, pred_tuned),
-    }
+    if train_groups is not None:
+        weights = {g: train_groups.count(g) for g in per_group if g in train_groups}
+        total = sum(weights.values())
+        out["weighted_average_accuracy"] = (
+            sum(w * per_group[g] for g, w in weights.items()) / total if total else float("nan")
+        )
+    return out
 
 
 def attribute_metrics(predicted: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
@@ -133,64 +54,133 @@ def attribute_metrics(predicted: torch.Tensor, labels: torch.Tensor, names: list
         tp, fp, fn = (p & y).sum().item(), (p & ~y).sum().item(), (~p & y).sum().item()
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
-        out[name] = {"accuracy": (p == y).float().mean().item(), "precision": precision, "recall": recall,
-                     "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
-    means = {f"mean_{k}": sum(m[k] for m in out.values()) / len(out) for k in ("accuracy", "precision", "recall", "f1")}
+        out[name] = {
+            "accuracy": (p == y).float().mean().item(),
+            "precision": precision,
+            "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        }
+    means = {
+        f"mean_{k}": sum(m[k] for m in out.values()) / len(out)
+        for k in ("accuracy", "precision", "recall", "f1")
+    }
     return {"per_attribute": out, **means}
 
 
-def attribute_group_accuracy(predicted: torch.Tensor, labels: torch.Tensor, spurious: torch.Tensor,
-                             names: list[str], spurious_name: str) -> dict:
-    """For each attribute: accuracy in the 4 groups (attribute value, spurious attribute value), worst group."""
+def attribute_group_accuracy(
+    predicted: torch.Tensor,
+    labels: torch.Tensor,
+    spurious: torch.Tensor,
+    names: list[str],
+    spurious_name: str,
+) -> dict:
+    """For each attribute: accuracy in the 4 groups (attribute value, spurious attribute), the worst group."""
     out = {}
     for a, name in enumerate(names):
         correct = predicted[:, a].bool() == labels[:, a].bool()
-        groups = [f"{name}={int(y)},{spurious_name}={int(s)}" for y, s in zip(labels[:, a].tolist(), spurious.tolist())]
+        groups = [
+            f"{name}={int(y)},{spurious_name}={int(s)}"
+            for y, s in zip(labels[:, a].tolist(), spurious.tolist())
+        ]
         out[name] = group_accuracy(correct, groups)
     return out
 
 
-def multilabel_scorers(p_initial: torch.Tensor, p_tuned: torch.Tensor, tuned_name: str = "MaskTune") -> dict:
-    """Per-(image, attribute) decision scorers from sigmoid probabilities (N, A): {name: (scores, 0/1 predictions)},
-    flattened to N * A decisions. The analogues of ``classification_scorers`` with two classes per attribute."""
-    pair_i = torch.stack([1 - p_initial, p_initial], -1)
-    pair_t = torch.stack([1 - p_tuned, p_tuned], -1)
-    conf_t, pred_t = pair_t.max(-1)
-    agree = (pair_i.argmax(-1) == pred_t).float()
-    combined = (pair_i * pair_t).softmax(-1).max(-1)
-    return {
-        f"agreement rule (ERM + {tuned_name})": ((agree * 1e3 + conf_t).flatten(), pred_t.flatten()),
-        f"paper score (ERM x {tuned_name})": (combined.values.flatten(), combined.indices.flatten()),
-        f"SR {tuned_name}": (conf_t.flatten(), pred_t.flatten()),
-    }
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
 
 
-def compare_scorers(scorers_test: dict, scorers_val: dict, labels: torch.Tensor,
-                    oracle_predictions: torch.Tensor, target_coverages: list[float]) -> tuple[list[dict], dict]:
-    """Rows (AURC, and accuracy/coverage on test at thresholds chosen on validation for each target coverage)
-    and risk-coverage curves for every scorer ``{name: (scores, predictions)}``, plus the oracle ordering of
-    ``oracle_predictions``."""
-    table, curves = [], {}
-    for name, (scores, pred) in scorers_test.items():
-        correct = pred == labels
-        row = {"scorer": name, "aurc": aurc(scores, correct), "accuracy_at_full_coverage": correct.float().mean().item()}
-        for target in target_coverages:
-            at = selective_at_threshold(scores, correct, threshold_for_coverage(scorers_val[name][0], target))
-            row[f"accuracy@{target:g}"], row[f"coverage@{target:g}"] = at["accuracy_on_accepted"], at["coverage"]
-        table.append(row)
-        curves[name] = risk_coverage(scores, correct)
-    oracle_correct = oracle_predictions == labels
-    coverage, risk, oracle_aurc = oracle_risk_coverage(oracle_correct)
-    curves["oracle"] = (coverage, risk)
-    table.append({"scorer": "oracle (MaskTune predictions)", "aurc": oracle_aurc,
-                  "accuracy_at_full_coverage": oracle_correct.float().mean().item()})
-    return table, curves
+def evaluate_predictions(logits: dict, test: ImageSet, train: ImageSet) -> dict:
+    """Every model's test metrics, by its name in ``RUN_MODELS``: accuracy (CelebA: per attribute, with
+    precision, recall and F1) and, where the test images' spurious attribute is known, per-group,
+    worst-group and average-group accuracy (and the average weighted by the training groups)."""
+    results = {}
+    for name, z in logits.items():
+        if test.labels.is_floating_point():  # 0/1 attributes: groups (attribute, spurious attribute)
+            predicted = z > 0
+            r = attribute_metrics(predicted, test.labels, test.classes)
+            r["groups"] = attribute_group_accuracy(
+                predicted, test.labels, test.spurious, test.classes, test.spurious_names[1]
+            )
+            if len(test.classes) == 1:  # one target attribute: its groups are the benchmark's
+                r["worst_group_accuracy"] = r["groups"][test.classes[0]]["worst_group_accuracy"]
+                r["average_group_accuracy"] = r["groups"][test.classes[0]]["average_group_accuracy"]
+        else:
+            prediction = z.argmax(1)
+            r = {
+                "accuracy": (prediction == test.labels).float().mean().item(),
+                "per_class_accuracy": dict(
+                    zip(test.classes, per_class_accuracy(prediction, test.labels, len(test.classes)))
+                ),
+            }
+            if test.spurious is not None:
+                known = (test.spurious >= 0).tolist()
+                groups = group_accuracy(
+                    (prediction == test.labels)[torch.tensor(known)],
+                    [g for g, k in zip(test.groups(), known) if k],
+                    train.groups() if train.spurious is not None else None,
+                )
+                r.update({k: v for k, v in groups.items() if k.endswith("accuracy")}, groups=groups)
+        results[RUN_MODELS[name]] = r
+    return results
 
 
-def format_scorer_table(table: list[dict], target_coverages: list[float], title: str = "scorer") -> str:
-    lines = [f"{title:<42}{'AURC x100':>10}" + "".join(f"{'@' + format(100 * t, 'g') + '%':>17}" for t in target_coverages)]
-    for row in table:
-        cells = "".join(f"{100 * row[f'accuracy@{t:g}']:>8.2f}% ({100 * row[f'coverage@{t:g}']:>5.1f}%)"
-                        if f"accuracy@{t:g}" in row else f"{'':>17}" for t in target_coverages)
-        lines.append(f"{row['scorer']:<42}{100 * row['aurc']:>10.3f}{cells}")
+def format_evaluation(results: dict, test: ImageSet) -> str:
+    """The models side by side: accuracies and group metrics, one row each."""
+    names = list(results)
+    lines = [f"\n{'test':<28}" + "".join(f"{n:>21}" for n in names)]
+    if test.labels.is_floating_point():
+        for a in test.classes:
+            lines.append(
+                f"{a + ' (acc / worst group)':<28}"
+                + "".join(
+                    f"{100 * results[n]['per_attribute'][a]['accuracy']:>12.2f} / "
+                    f"{100 * results[n]['groups'][a]['worst_group_accuracy']:>5.1f}"
+                    for n in names
+                )
+            )
+    keys = [k for k, v in results[names[0]].items() if k.endswith("accuracy") and isinstance(v, float)]
+    for key in keys + [k for k in ("mean_precision", "mean_recall", "mean_f1") if k in results[names[0]]]:
+        lines.append(
+            f"{key.replace('_', ' '):<28}" + "".join(f"{100 * results[n][key]:>20.2f}%" for n in names)
+        )
+    if "groups" in results[names[0]] and not test.labels.is_floating_point():
+        for group in results[names[0]]["groups"]["per_group"]:
+            lines.append(
+                f"{'  ' + group:<28}"
+                + "".join(f"{100 * results[n]['groups']['per_group'][group]:>20.2f}%" for n in names)
+            )
     return "\n".join(lines)
+
+
+def write_predictions(path: str, logits: dict, test: ImageSet) -> None:
+    """One row per test image: its index, file, label(s), spurious attribute, and every model's outputs
+    (class prediction and confidence, or each attribute's probability)."""
+    multilabel = test.labels.is_floating_point()
+    outputs = {n: z.sigmoid() if multilabel else z.softmax(1).max(1) for n, z in logits.items()}
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        if multilabel:
+            columns = [
+                *[f"label_{a}" for a in test.classes],
+                *[f"probability_{n}_{a}" for n in logits for a in test.classes],
+            ]
+        else:
+            columns = ["label", *[f"{kind}_{n}" for n in logits for kind in ("prediction", "confidence")]]
+        writer.writerow(["index", "path", "spurious", *columns])
+        spurious = test.spurious.tolist() if test.spurious is not None else [-1] * len(test)
+        for i in range(len(test)):
+            row = [int(test.indices[i]), test.paths[i] if test.paths else "", spurious[i]]
+            if multilabel:
+                row += [int(v) for v in test.labels[i].tolist()]
+                row += [f"{outputs[n][i, a]:.6f}" for n in logits for a in range(len(test.classes))]
+            else:
+                row += [int(test.labels[i])]
+                row += [
+                    v for n in logits for v in (int(outputs[n].indices[i]), f"{outputs[n].values[i]:.6f}")
+                ]
+            writer.writerow(row)

@@ -1,4 +1,5 @@
 """Figures saved as PNG files (matplotlib, no display needed)."""
+
 import os
 
 import matplotlib
@@ -25,38 +26,21 @@ def _rgb(image: torch.Tensor):
     return image.permute(1, 2, 0).cpu().numpy()
 
 
-def save_mask_grid(path: str, images: torch.Tensor, heatmaps: torch.Tensor, masked: torch.Tensor,
-                   titles: list[str]) -> str:
-    """Rows: image, heatmap over the image, masked image; one column per example."""
-    n = len(images)
-    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(_rgb(images[i]))
-        axes[0, i].set_title(titles[i], fontsize=7)
-        axes[1, i].imshow(_rgb(images[i]))
-        axes[1, i].imshow(heatmaps[i].cpu().numpy(), cmap="jet", alpha=0.5)
-        axes[2, i].imshow(_rgb(masked[i]))
+def save_image_grid(path: str, rows: dict, titles: dict | None = None) -> str:
+    """One row of images per entry ``name: (uint8 images, heatmaps or None)``, a heatmap drawn over its image
+    where given; ``titles[name]`` names the columns of that row."""
+    width = max(len(images) for images, _ in rows.values())
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.6 * width, 1.6 * len(rows)), squeeze=False)
+    for r, (name, (images, heatmaps)) in enumerate(rows.items()):
+        for i in range(len(images)):
+            axes[r, i].imshow(_rgb(images[i]))
+            if heatmaps is not None:
+                axes[r, i].imshow(heatmaps[i].detach().float().cpu().numpy(), cmap="jet", alpha=0.5)
+            if titles and name in titles:
+                axes[r, i].set_title(titles[name][i], fontsize=7)
+        axes[r, 0].text(-0.1, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    for row, name in enumerate(("image", "heatmap", "masked")):
-        axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
-    return _save(fig, path)
-
-
-def save_heatmap_comparison(path: str, images: torch.Tensor, heatmaps: dict, titles: list[str]) -> str:
-    """Rows: image, then one heatmap row per model (e.g. ERM vs fine-tuned)."""
-    n = len(images)
-    fig, axes = plt.subplots(1 + len(heatmaps), n, figsize=(1.6 * n, 1.7 * (1 + len(heatmaps))), squeeze=False)
-    for i in range(n):
-        axes[0, i].imshow(_rgb(images[i]))
-        axes[0, i].set_title(titles[i], fontsize=7)
-        for row, maps in enumerate(heatmaps.values(), start=1):
-            axes[row, i].imshow(_rgb(images[i]))
-            axes[row, i].imshow(maps[i].cpu().numpy(), cmap="jet", alpha=0.5)
-    for ax in axes.flat:
-        ax.axis("off")
-    for row, name in enumerate(["image", *heatmaps], start=0):
-        axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     return _save(fig, path)
 
 
@@ -79,7 +63,12 @@ def save_grouped_bars(path: str, categories: list[str], values: dict, ylabel: st
     width = 0.8 / max(len(values), 1)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(categories)), 3.8))
     for i, (name, series) in enumerate(values.items()):
-        ax.bar([c + (i - (len(values) - 1) / 2) * width for c in range(len(categories))], series, width, label=name)
+        ax.bar(
+            [c + (i - (len(values) - 1) / 2) * width for c in range(len(categories))],
+            series,
+            width,
+            label=name,
+        )
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, rotation=30, ha="right")
     ax.set_ylabel(ylabel)

@@ -13,52 +13,53 @@ The controls (no-mask, random-mask fine-tunes), when trained, are scored the sam
 
 Writes to out_dir: selective.json, selective.csv, risk_coverage.png.
 """
+
 import csv
 import json
 import os
 
 import torch
 
-from checkpoint import RUN_MODELS, load_run
-from config import check, configure, ensure_writable_dir, pick_device
-from data import experiment_data
+from checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from config import check_run_settings, configure
+from console import check
+from datasets import experiment_data
+from device import pick_device
 from engine import predict
-from metrics import agreement_rule, classification_scorers, compare_scorers, format_scorer_table
-from models import VGG_MEAN, VGG_STD, VGGWithAttention
 from plots import save_risk_coverage
+from selective import agreement_rule, classification_scorers, compare_scorers, format_scorer_table
 
-checkpoint_dir = "checkpoints"              # where vgg.py wrote its checkpoints
-out_dir = "out/selective_vgg"               # selective.json, selective.csv, risk_coverage.png
-data_dir = ""                               # empty: the data_dir stored in the checkpoints
-device = "auto"                             # auto = cuda, then mps, then cpu
-eval_batch_size = 1000                      # images per forward pass
-confidence_threshold = 0.8                  # the report's threshold on the fine-tuned model's confidence
-difficult_classes = ["bird", "cat", "deer", "dog"]  # the report's hard classes (CIFAR-10 indices 2-5)
-difficult_class_weight = 0.7                # their threshold is multiplied by this
+checkpoint_dir = "checkpoints"  # where vgg.py wrote its checkpoints
+out_dir = "out/vgg"  # selective.json, selective.csv, risk_coverage.png
+data_dir = ""  # empty: the data_dir stored in the checkpoints
+device = "auto"  # auto = cuda, then mps, then cpu
+eval_batch_size = 1000  # images per forward pass
+confidence_threshold = 0.8  # the report's threshold on the fine-tuned model's confidence
+difficult_classes = ["bird", "cat", "deer", "dog"]  # the report's hard CIFAR-10 classes (those present count)
+difficult_class_weight = 0.7  # their threshold is multiplied by this
 target_coverages = [0.8, 0.85, 0.9, 0.95, 1.0]  # coverages whose thresholds are chosen on validation data
 
-config = configure(globals())
+config, claims = configure(globals(), run_settings=True)
 check(0 <= confidence_threshold <= 1, "confidence_threshold must be in [0, 1]")
 check(difficult_class_weight > 0, "difficult_class_weight must be positive")
 check(all(0 < c <= 1 for c in target_coverages) and target_coverages, "target_coverages must lie in (0, 1]")
 check(eval_batch_size > 0, "eval_batch_size must be positive")
 ensure_writable_dir(out_dir)
 device_ = pick_device(device)
-norm = dict(mean=VGG_MEAN, std=VGG_STD)
 
-models, states = load_run(checkpoint_dir, "vgg", lambda s: VGGWithAttention(s["num_classes"]), device_)
+models, states = load_run(checkpoint_dir, "vgg", device_, ("VGGWithAttention",))
 run_config = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
+check_run_settings(claims, run_config, checkpoint_dir)
 _, val_set, test_set = experiment_data(run_config)
-check(val_set is not None, "this run has no validation split (val_size=0): thresholds cannot be chosen honestly")
 classes = test_set.classes
-unknown = [c for c in difficult_classes if c not in classes]
-check(not unknown, f"difficult_classes {unknown} are not classes of this data: {classes}")
-class_weights = torch.tensor([difficult_class_weight if c in difficult_classes else 1.0 for c in classes])
+weighted = [c for c in difficult_classes if c in classes]
+if not weighted:
+    print(f"difficult_classes: none of {difficult_classes} is a class of this data: the rule runs unweighted")
+class_weights = torch.tensor([difficult_class_weight if c in weighted else 1.0 for c in classes])
 
 
 def all_logits(images: torch.Tensor) -> dict:
-    return {n: predict(m, images.to(device_), batch_size=eval_batch_size, device=device_, **norm)
-            for n, m in models.items()}
+    return {n: predict(m, images, batch_size=eval_batch_size) for n, m in models.items()}
 
 
 val_logits, test_logits = all_logits(val_set.images), all_logits(test_set.images)
@@ -69,34 +70,53 @@ tuned = [n for n in models if n != "initial"]
 rule = {}
 for n in tuned:
     conf, pred = test_logits[n].softmax(1).max(1)
-    rule[RUN_MODELS[n]] = agreement_rule(test_logits["initial"].argmax(1), pred, conf, labels,
-                                         confidence_threshold, class_weights)
-print(f"\nthe report's rule (threshold {confidence_threshold}, weight {difficult_class_weight} for "
-      f"{', '.join(difficult_classes)}); rates over all {len(labels)} test images")
-print(f"{'ERM +':<22}{'acc accepted':>14}{'coverage':>10}{'rejection':>11}{'agreement':>11}{'report rej.':>13}")
+    rule[RUN_MODELS[n]] = agreement_rule(
+        test_logits["initial"].argmax(1), pred, conf, labels, confidence_threshold, class_weights
+    )
+print(
+    f"\nthe report's rule (threshold {confidence_threshold}, weight {difficult_class_weight} for "
+    f"{', '.join(weighted) or 'no class'}); rates over all {len(labels)} test images"
+)
+print(
+    f"{'ERM +':<22}{'acc accepted':>14}{'coverage':>10}{'rejection':>11}{'agreement':>11}{'report rej.':>13}"
+)
 for name, r in rule.items():
-    print(f"{name:<22}{100 * r['accuracy_on_accepted']:>13.2f}%{100 * r['coverage']:>9.2f}%"
-          f"{100 * r['rejection_rate']:>10.2f}%{100 * r['agreement_rate']:>10.2f}%{100 * r['report_rejection_rate']:>12.2f}%")
+    print(
+        f"{name:<22}{100 * r['accuracy_on_accepted']:>13.2f}%{100 * r['coverage']:>9.2f}%"
+        f"{100 * r['rejection_rate']:>10.2f}%{100 * r['agreement_rate']:>10.2f}%"
+        f"{100 * r['report_rejection_rate']:>12.2f}%"
+    )
 
 # 2. scorers at every coverage -------------------------------------------------------------------
 scorers_val = {f"SR {RUN_MODELS['initial']}": tuple(val_logits["initial"].softmax(1).max(1))}
 scorers_test = {f"SR {RUN_MODELS['initial']}": tuple(test_logits["initial"].softmax(1).max(1))}
 for n in tuned:
-    scorers_val.update(classification_scorers(val_logits["initial"], val_logits[n], class_weights, RUN_MODELS[n]))
-    scorers_test.update(classification_scorers(test_logits["initial"], test_logits[n], class_weights, RUN_MODELS[n]))
+    scorers_val.update(
+        classification_scorers(val_logits["initial"], val_logits[n], class_weights, RUN_MODELS[n])
+    )
+    scorers_test.update(
+        classification_scorers(test_logits["initial"], test_logits[n], class_weights, RUN_MODELS[n])
+    )
 
-table, curves = compare_scorers(scorers_test, scorers_val, labels, test_logits["finetuned"].argmax(1),
-                                target_coverages)
-print(f"\nrisk-coverage: thresholds chosen on the {len(val_labels)} validation images; "
-      "test accuracy on accepted (test coverage reached)")
+table, curves = compare_scorers(
+    scorers_test, scorers_val, labels, test_logits["finetuned"].argmax(1), target_coverages
+)
+print(
+    f"\nrisk-coverage: thresholds chosen on the {len(val_labels)} validation images; "
+    "test accuracy on accepted (test coverage reached)"
+)
 print(format_scorer_table(table, target_coverages))
 
 with open(os.path.join(out_dir, "selective.json"), "w") as f:
-    json.dump({"report_rule": rule, "scorers": table, "config": config, "run_config": run_config}, f, indent=1)
+    json.dump(
+        {"report_rule": rule, "scorers": table, "config": config, "run_config": run_config}, f, indent=1
+    )
 with open(os.path.join(out_dir, "selective.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-save_risk_coverage(os.path.join(out_dir, "risk_coverage.png"),
-                   {k: v for k, v in curves.items() if not k.startswith("agreement") or "MaskTune" in k})
+save_risk_coverage(
+    os.path.join(out_dir, "risk_coverage.png"),
+    {k: v for k, v in curves.items() if not k.startswith("agreement") or "MaskTune" in k},
+)
 print(f"wrote selective.json, selective.csv and risk_coverage.png to {out_dir}/")

@@ -1,26 +1,40 @@
 """bench.py runs (no timing assertions: timings belong in the benchmark), and the fast data path
 yields exactly what the reference torchvision path yields."""
+
 import numpy as np
+import pytest
 import torch
 
-from conftest import run_script
-from data import load_classification_data
+from conftest import run_here
+from datasets import load_splits
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_on_cpu():
-    result = run_script("bench.py", "--quick", "--device=cpu")
-    for task in ("(a) VGG ERM training", "(b) VGG masking, xgradcam", "(c) VGG fine-tuning", "(d) VGG evaluation",
-                 "(a) ResNet50 training", "pytorch-grad-cam", "DataLoader+PIL"):
-        assert task in result.stdout
+    result = run_here("bench.py", "--quick", "--device=cpu")
+    for task in (
+        "(a) VGG ERM training",
+        "(b) VGG masking, xgradcam",
+        "(c) VGG fine-tuning",
+        "(d) VGG evaluation",
+        "(a) ResNet50 training",
+        "pytorch-grad-cam",
+        "DataLoader+PIL",
+    ):
+        assert task in result
 
 
+@pytest.mark.slow
 def test_fast_path_matches_torchvision_image_folder(folder_dir):
     from torchvision import datasets
-    train, test = load_classification_data(folder_dir)
+
+    train, _, test = load_splits({"data_dir": folder_dir, "seed": 0})
     for ours, split in ((train, "train"), (test, "test")):
         reference = datasets.ImageFolder(f"{folder_dir}/{split}")
         assert ours.classes == reference.classes and len(ours) == len(reference)
         for i in range(0, len(reference), 7):
             image, label = reference[i]
-            assert torch.equal(ours.images[i], torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
+            assert torch.equal(
+                ours.images[i], torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            )
             assert int(ours.labels[i]) == label

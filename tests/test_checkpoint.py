@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from config import UserError
+from console import UserError
 from models import VGGWithAttention
 
 
@@ -24,8 +24,10 @@ def test_round_trip_keeps_weights_config_epoch_metrics(tmp_path):
     assert torch.equal(clone(x)[0], model(x)[0])
     restored = torch.optim.SGD(clone.parameters(), lr=0.1, momentum=0.9)
     restored.load_state_dict(state["optimizer"])
-    assert torch.equal(restored.state_dict()["state"][0]["momentum_buffer"],
-                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        restored.state_dict()["state"][0]["momentum_buffer"],
+        optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 

@@ -1,68 +1,94 @@
-"""vgg.py under torchrun: 2 CPU processes (Gloo) train with DDP, mask a share each and write one set of files."""
+"""vgg.py under torchrun: 2 CPU processes (Gloo) train with DDP, mask a share each, write one set of files."""
+
 import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from checkpoint import load_checkpoint, load_weights
 from conftest import ROOT
-from data import experiment_data
-from engine import prepare_model
+from datasets import experiment_data
+from device import prepare_model
 from masking import compute_masks
-from models import VGG_MEAN, VGG_STD, VGGWithAttention
+from models import VGGWithAttention
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(ROOT, "vgg.py"), f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt",
-               f"--out_dir={tmp_path}/out", "--num_epochs=2", "--batch_size=16", "--eval_batch_size=64",
-               "--val_size=50", "--device=cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "vgg.py"),
+        f"--data_dir={cifar_dir}",
+        f"--checkpoint_dir={tmp_path}/ckpt",
+        f"--out_dir={tmp_path}/out",
+        "--num_epochs=2",
+        "--batch_size=16",
+        "--eval_batch_size=64",
+        "--val_fraction=0.2",
+        "--device=cpu",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("data: ") == 1 and result.stdout.count("config: ") == 1  # rank 0 prints
-    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"vgg_{n}.pt" for n in
-                                                     ("finetuned", "initial", "last", "nomask", "randommask")]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [
+        f"vgg_{n}.pt" for n in ("finetuned", "initial", "last", "nomask", "randommask")
+    ]
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["processes"] == 2
     # the masks the two processes computed (each half of the set, gathered) equal a single-process masking
     state = load_checkpoint(str(tmp_path / "ckpt" / "vgg_initial.pt"))
     train, _, _ = experiment_data(state["config"])
     cpu = torch.device("cpu")  # the same model format and precision as the run
-    model = prepare_model(load_weights(VGGWithAttention(len(train.classes)), state), cpu,
-                          channels_last=state["config"]["channels_last"])
-    masks = compute_masks(model, train.images, "xgradcam", batch_size=64, device=cpu, amp=state["config"]["amp"],
-                          mean=VGG_MEAN, std=VGG_STD)
+    model = prepare_model(
+        load_weights(VGGWithAttention(len(train.classes)), state),
+        cpu,
+        channels_last=state["config"]["channels_last"],
+    )
+    masks = compute_masks(model, train.images, "xgradcam", batch_size=64, amp=state["config"]["amp"])
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]
     finetuned = load_checkpoint(str(tmp_path / "ckpt" / "vgg_finetuned.pt"))
     assert finetuned["metrics"]["masks_sha1"] == summary["masks_sha1"]
 
 
-FEWER_IMAGES_THAN_PROCESSES = '''
+FEWER_IMAGES_THAN_PROCESSES = """
 import sys
 import torch
 from distributed import init_distributed, rank
 from engine import predict
 from masking import compute_masks
-from models import VGG_MEAN, VGG_STD, VGGWithAttention
+from models import VGGWithAttention
 device = init_distributed(torch.device("cpu"))
 torch.manual_seed(0)  # the same model in every process
 model, images = VGGWithAttention(10), torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
-logits = predict(model, images, batch_size=4, device=device, mean=VGG_MEAN, std=VGG_STD)
-masks = compute_masks(model, images, "xgradcam", batch_size=4, device=device, mean=VGG_MEAN, std=VGG_STD)
+logits = predict(model, images, batch_size=4)
+masks = compute_masks(model, images, "xgradcam", batch_size=4)
 torch.save({"logits": logits, "masks": masks}, f"{sys.argv[1]}/rank{rank()}.pt")
-'''
+"""
 
 
 def test_prediction_and_masking_with_fewer_images_than_processes(tmp_path):
-    """Process 1 has no image of its own: it must still take part in the gather (not hang) and get the result."""
+    """Process 1 has no image of its own: it must still take part in the gather (not hang) and get it all."""
     script = tmp_path / "one_image.py"
     script.write_text(FEWER_IMAGES_THAN_PROCESSES)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path),
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,19 +6,28 @@ import torch
 import torch.nn as nn
 
 from conftest import PATCH, patch_corner, planted_images
-from data import normalize
-from engine import accuracy, predict, prepare_model, train_epoch
-from masking import (apply_masks, compute_masks, mean_std_threshold, quantile_threshold, random_masks_like,
-                     saliency_mask, shuffled_fill, xgradcam_saliency)
-from models import VGG_MEAN, VGG_STD, VGGWithAttention
-
-NORM = dict(mean=VGG_MEAN, std=VGG_STD)
+from device import prepare_model
+from engine import accuracy, predict, train_epoch
+from masking import (
+    compute_masks,
+    fill_masks,
+    mean_std_threshold,
+    quantile_threshold,
+    random_masks_like,
+    saliency_mask,
+    xgradcam_saliency,
+)
+from models import VGGWithAttention
 
 
 def test_mean_std_threshold_matches_hand_computation():
-    cam = torch.tensor([[[0.0, 1.0], [2.0, 3.0]],      # positives 1, 2, 3: mean 2, population std sqrt(2/3)
-                        [[0.0, 0.0], [0.0, 4.0]],      # one positive: std 0
-                        [[0.0, 0.0], [0.0, 0.0]]])     # none positive
+    cam = torch.tensor(
+        [
+            [[0.0, 1.0], [2.0, 3.0]],  # positives 1, 2, 3: mean 2, population std sqrt(2/3)
+            [[0.0, 0.0], [0.0, 4.0]],  # one positive: std 0
+            [[0.0, 0.0], [0.0, 0.0]],
+        ]
+    )  # none positive
     expected = torch.tensor([2 + 2 * (2 / 3) ** 0.5, 4.0, 0.0])
     assert torch.allclose(mean_std_threshold(cam, 2.0), expected)
 
@@ -28,23 +37,34 @@ def test_quantile_threshold_matches_hand_computation():
     assert torch.allclose(quantile_threshold(cam, 0.75), torch.tensor([11.25]))
 
 
-def test_apply_masks_blackens_or_attenuates_only_masked_pixels():
-    images = torch.full((1, 3, 2, 2), 200, dtype=torch.uint8)
-    mask = torch.tensor([[[True, False], [False, False]]])
-    assert apply_masks(images, mask, 0.0)[0, :, 0, 0].tolist() == [0, 0, 0]
-    assert apply_masks(images, mask, 0.5)[0, :, 0, 0].tolist() == [100, 100, 100]
-    assert (apply_masks(images, mask, 0.0)[0, :, 1, 1] == 200).all()
-
-
-def test_shuffle_fill_copies_another_images_pixels_into_the_mask_only():
-    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
-    fill = shuffled_fill(images, torch.Generator().manual_seed(0))
-    assert sorted(fill[:, 0, 0, 0].tolist()) == [0, 1, 2, 3]  # a permutation of the set
-    mask = torch.zeros(4, 2, 2, dtype=torch.bool)
+def test_fills_replace_only_the_masked_pixels():
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 4, 4).contiguous() + 1
+    mask = torch.zeros(4, 4, 4, dtype=torch.bool)
     mask[:, 0, 1] = True
-    out = apply_masks(images, mask, fill=fill)
-    assert torch.equal(out[:, :, 0, 1], fill[:, :, 0, 1])
-    assert torch.equal(out[:, :, 1], images[:, :, 1]) and torch.equal(out[:, :, 0, 0], images[:, :, 0, 0])
+    black = fill_masks(images, mask, "black")
+    assert (black[:, :, 0, 1] == 0).all() and torch.equal(black[:, :, 1:], images[:, :, 1:])
+    shuffled = fill_masks(images, mask, "shuffle", torch.Generator().manual_seed(0))
+    partner = torch.randperm(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shuffled[:, :, 0, 1], images[partner][:, :, 0, 1])  # the same pixels of another image
+    assert torch.equal(shuffled[:, :, 1:], images[:, :, 1:]) and torch.equal(
+        shuffled[:, :, 0, 0], images[:, :, 0, 0]
+    )
+
+
+def test_swap_fill_brings_the_other_images_masked_region():
+    """Two images with a marker in different places: each gets the other's marker where its own was."""
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    images[0, :, 0:2, 0:2] = 100  # image 0's marker, top left
+    images[1, :, 5:7, 4:6] = 200  # image 1's marker, lower down
+    masks = images[:, 0] > 0
+    swapping = next(
+        s
+        for s in range(100)
+        if torch.randperm(2, generator=torch.Generator().manual_seed(s)).tolist() == [1, 0]
+    )  # a seed that pairs image 0 with image 1 and 1 with 0
+    out = fill_masks(images, masks, "swap", torch.Generator().manual_seed(swapping))
+    assert (out[0, :, 0:2, 0:2] == 200).all() and (out[1, :, 5:7, 4:6] == 100).all()
+    assert torch.equal(out[:, :, ~masks.any(0)], images[:, :, ~masks.any(0)])
 
 
 def test_random_masks_hide_as_many_pixels_elsewhere():
@@ -65,6 +85,7 @@ def test_random_masks_hide_as_many_pixels_elsewhere():
 def test_xgradcam_matches_pytorch_grad_cam():
     pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam import XGradCAM
+
     torch.manual_seed(0)
     model = VGGWithAttention(10).eval()
 
@@ -76,8 +97,10 @@ def test_xgradcam_matches_pytorch_grad_cam():
         def forward(self, x):
             return self.inner(x)[0]
 
-    x = torch.randn(6, 3, 32, 32)
-    reference = XGradCAM(model=LogitsOnly(model), target_layers=[model.attention])(input_tensor=x, targets=None)
+    x = torch.rand(6, 3, 32, 32) * 255  # images on the 0-255 scale: the model normalises them
+    reference = XGradCAM(model=LogitsOnly(model), target_layers=[model.attention])(
+        input_tensor=x, targets=None
+    )
     ours = xgradcam_saliency(model, x)
     low = ours.amin((1, 2), keepdim=True)
     ours = (ours - low) / (1e-7 + (ours - low).amax((1, 2), keepdim=True))  # the package's min-max scaling
@@ -95,12 +118,11 @@ def planted_model():
     model = VGGWithAttention(10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True)
     generator = torch.Generator().manual_seed(0)
-    for epoch in range(6):
-        train_epoch(model, optimizer, images, labels, batch_size=32, device=torch.device("cpu"),
-                    generator=generator, augment=False, **NORM)
+    for _ in range(6):
+        train_epoch(model, optimizer, images, labels, generator, batch_size=32, augment=False)
     test_labels = torch.arange(200) % 10
     test_images = torch.from_numpy(planted_images(test_labels.numpy(), rng))
-    assert accuracy(predict(model, test_images, batch_size=100, device=torch.device("cpu"), **NORM), test_labels) > 0.9
+    assert accuracy(predict(model, test_images, batch_size=100), test_labels) > 0.9
     return model, test_images, test_labels
 
 
@@ -114,27 +136,29 @@ def test_masks_cover_the_planted_patch(planted_model, strategy, fast):
     model, images, labels = planted_model
     if fast:
         model = prepare_model(copy.deepcopy(model), torch.device("cpu"), channels_last=True)
-    masks = compute_masks(model, images, strategy, batch_size=64, device=torch.device("cpu"), amp=fast, **NORM)
+    masks = compute_masks(model, images, strategy, batch_size=64, amp=fast)
     patch = torch.zeros_like(masks)
     for i, c in enumerate(labels.tolist()):
         row, col = patch_corner(c)
-        patch[i, row:row + PATCH, col:col + PATCH] = True
+        patch[i, row : row + PATCH, col : col + PATCH] = True
     inside = (masks & patch).flatten(1).sum(1).float()
     precision = inside / masks.flatten(1).sum(1).clamp_min(1)
-    recall = inside / PATCH ** 2
+    recall = inside / PATCH**2
     assert (masks.flatten(1).sum(1) > 0).float().mean() > 0.95
     if strategy == "attention":
         assert (recall > 0.9).float().mean() > 0.8, recall
     else:
         assert (precision > 0.5).float().mean() > 0.9, precision
     # and masking removes much of the evidence: accuracy on masked images drops by 30 points or more
-    clean_accuracy = accuracy(predict(model, images, batch_size=100, device=torch.device("cpu"), **NORM), labels)
-    masked = apply_masks(images, masks)
-    masked_accuracy = accuracy(predict(model, masked, batch_size=100, device=torch.device("cpu"), **NORM), labels)
+    clean_accuracy = accuracy(predict(model, images, batch_size=100), labels)
+    masked_accuracy = accuracy(predict(model, fill_masks(images, masks, "black"), batch_size=100), labels)
     assert masked_accuracy < clean_accuracy - 0.3
 
 
 def test_saliency_mask_rejects_unknown_strategy():
-    from config import UserError
+    from console import UserError
+
     with pytest.raises(UserError, match="unknown masking strategy"):
-        saliency_mask(VGGWithAttention(), normalize(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), **NORM), "gradcam")
+        saliency_mask(VGGWithAttention(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "gradcam")
+    with pytest.raises(UserError, match="unknown mask_fill"):
+        fill_masks(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.bool), "grey")

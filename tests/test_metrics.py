@@ -3,9 +3,16 @@ import math
 import pytest
 import torch
 
-from metrics import (agreement_rule, aurc, classification_scorers, group_accuracy, mean_std,
-                     oracle_risk_coverage, per_class_accuracy, risk_coverage, selective_at_threshold,
-                     threshold_for_coverage)
+from metrics import attribute_group_accuracy, attribute_metrics, group_accuracy, mean_std, per_class_accuracy
+from selective import (
+    agreement_rule,
+    aurc,
+    classification_scorers,
+    oracle_risk_coverage,
+    risk_coverage,
+    selective_at_threshold,
+    threshold_for_coverage,
+)
 
 
 def test_per_class_accuracy():
@@ -24,12 +31,21 @@ def test_group_accuracy_and_worst_group():
     assert result["average_group_accuracy"] == pytest.approx((2 / 3 + 0.5 + 0.5) / 3)
 
 
+def test_weighted_average_uses_the_training_groups_proportions():
+    correct = torch.tensor([1, 0, 1, 1, 0, 0])  # groups a: 1/2, b: 2/2, c: 0/2
+    groups = ["a", "a", "b", "b", "c", "c"]
+    train = ["a"] * 6 + ["b"] * 3 + ["c"] * 1  # proportions 0.6, 0.3, 0.1
+    out = group_accuracy(correct, groups, train)
+    assert out["weighted_average_accuracy"] == pytest.approx(0.6 * 0.5 + 0.3 * 1.0 + 0.1 * 0.0)
+    assert out["average_group_accuracy"] == pytest.approx(0.5) and out["worst_group"] == "c"
+
+
 def test_agreement_rule_counts_disagreements_as_rejections():
     labels = torch.tensor([0, 1, 2, 3, 2])
     initial = torch.tensor([0, 1, 2, 0, 2])
-    tuned = torch.tensor([0, 1, 2, 3, 1])            # sample 3 and 4: disagreement
+    tuned = torch.tensor([0, 1, 2, 3, 1])  # sample 3 and 4: disagreement
     conf = torch.tensor([0.9, 0.7, 0.6, 0.99, 0.99])
-    weights = torch.tensor([1.0, 1.0, 0.7, 0.7])      # class 2 accepted from 0.56
+    weights = torch.tensor([1.0, 1.0, 0.7, 0.7])  # class 2 accepted from 0.56
     r = agreement_rule(initial, tuned, conf, labels, 0.8, weights)
     # accepted: 0 (0.9 >= 0.8) and 2 (0.6 >= 0.56); 1 rejected (0.7 < 0.8); 3, 4 disagree
     assert r["accepted"] == 2 and r["coverage"] == 0.4 and r["rejection_rate"] == pytest.approx(0.6)
@@ -83,7 +99,12 @@ def test_thresholds_reach_target_coverage_on_validation():
         t = threshold_for_coverage(scores, target)
         assert selective_at_threshold(scores, correct, t)["coverage"] == pytest.approx(target)
     tied = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.1])
-    assert selective_at_threshold(tied, torch.ones(5, dtype=torch.bool), threshold_for_coverage(tied, 0.4))["coverage"] == 0.8
+    assert (
+        selective_at_threshold(tied, torch.ones(5, dtype=torch.bool), threshold_for_coverage(tied, 0.4))[
+            "coverage"
+        ]
+        == 0.8
+    )
 
 
 def test_scorers():
@@ -103,13 +124,17 @@ def test_mean_std():
 
 
 def test_attribute_metrics_by_hand():
-    from metrics import attribute_group_accuracy, attribute_metrics
+
     labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0], [1, 0]])
     predicted = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 1], [1, 0]])
     m = attribute_metrics(predicted, labels, ["A", "B"])
     # A: tp 2, fp 1, fn 1 -> precision 2/3, recall 2/3, accuracy 3/5; B: tp 2, fp 1, fn 0
-    assert m["per_attribute"]["A"] == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
-    assert m["per_attribute"]["B"] == pytest.approx({"accuracy": 0.8, "precision": 2 / 3, "recall": 1.0, "f1": 0.8})
+    assert m["per_attribute"]["A"] == pytest.approx(
+        {"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3}
+    )
+    assert m["per_attribute"]["B"] == pytest.approx(
+        {"accuracy": 0.8, "precision": 2 / 3, "recall": 1.0, "f1": 0.8}
+    )
     assert m["mean_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
     spurious = torch.tensor([1, 1, 0, 0, 0])
     g = attribute_group_accuracy(predicted, labels, spurious, ["A", "B"], "Male")["A"]

@@ -1,0 +1,12 @@
+"""MaskTune as published, in its official code: XGradCAM masks of the best-validation ERM model (pixels
+above mean + 2 std of the positive CAM) set to black; one epoch of fine-tuning from the LAST ERM epoch and
+its optimizer state, at the ERM's learning rate (this repository's ERM peak rate, vgg.py's default 0.02).
+Combine it with a data recipe: python vgg.py config/mnist_paper.py config/paper_protocol.py"""
+
+masking = "xgradcam"
+mask_std = 2.0
+mask_fill = "black"
+finetune_from = "last"
+finetune_epochs = 1
+finetune_learning_rate = 0.02
+finetune_schedule = "constant"

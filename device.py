@@ -1,0 +1,70 @@
+"""Where and how the computation runs: the device, bf16 autocast, the memory format, and seeding."""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from console import UserError, check
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; a named device must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    check(available.get(device.type, False), f"device {name!r} is not available on this machine")
+    if device.type == "cuda" and device.index is not None:
+        check(device.index < torch.cuda.device_count(), f"device {name!r} does not exist here")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX instructions
+    (elsewhere bf16 would be emulated, slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    cpu_checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in cpu_checks)
+
+
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast when ``amp`` and bf16 is native on ``device`` (no loss scaling needed); else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and native_bf16(device))
+
+
+def prepare_model(
+    model: nn.Module, device: torch.device, *, channels_last: bool = False, compile_model: bool = False
+) -> nn.Module:
+    """Move ``model`` to ``device``; ``channels_last``: NHWC convolutions (faster on CUDA and on CPUs with
+    oneDNN); on CUDA, cuDNN autotuning; ``compile_model``: torch.compile in place (the module keeps its class
+    and state-dict names)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if channels_last and device.type in ("cuda", "cpu"):
+        model = model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model.compile()
+    return model
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU generator for the data order and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,150 @@
+"""Planted shortcuts: a marker tied to the class on most training images, to measure whether a model follows
+it and whether MaskTune removes it.
+
+Kinds of marker (``shortcut``), each ``shortcut_size`` pixels on a side (a 12-pixel one is a shortcut of a
+very different size from the 4-pixel default):
+  square         a solid square in a fixed corner (``shortcut_position``), coloured by class
+  moving_square  the same square at a random place in every image
+  shape          a pattern of white pixels on a black tile in a fixed corner, one pattern per class: the
+                 class is carried by shape, not colour
+Which images carry which marker (``shortcut_classes``):
+  all    every image carries a marker: its own class's on ``shortcut_ratio`` of each class's images,
+         another class's on the rest (the CIFAR-10 benchmarks)
+  first  one marker, class 0's: on ``shortcut_ratio`` of the class-0 images and on 1 - ratio of the
+         others, none elsewhere (the MaskTune paper's biased MNIST: a red square, ratio 0.99)
+Evaluation sets are built from unmarked images: ``clean`` (no marker), ``aligned`` (the training
+association at its extreme) and ``conflicting`` (``all``: another class's marker on every image; ``first``:
+the marker on every image except class 0's, the paper's "biased" test). Groups are (class, marker).
+"""
+
+import colorsys
+from dataclasses import replace
+
+import torch
+
+from console import check
+from data import ImageSet
+
+KINDS = ("square", "moving_square", "shape")
+POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def palette(num_classes: int) -> torch.Tensor:
+    """One saturated colour per class, hues evenly spaced from red: uint8 (C, 3)."""
+    return torch.tensor(
+        [
+            [round(255 * v) for v in colorsys.hsv_to_rgb(c / num_classes, 1.0, 1.0)]
+            for c in range(num_classes)
+        ],
+        dtype=torch.uint8,
+    )
+
+
+def shape_patterns(num_classes: int, size: int) -> torch.Tensor:
+    """One pattern per class: bool (C, size, size), each with the same number of pixels on (half of them,
+    rounded down), drawn once from a fixed seed, so only the arrangement tells the classes apart."""
+    check(size >= 3, "a shape marker needs shortcut_size >= 3")
+    generator = torch.Generator().manual_seed(12345)
+    patterns = torch.zeros(num_classes, size * size, dtype=torch.bool)
+    for c in range(num_classes):
+        patterns[c, torch.randperm(size * size, generator=generator)[: size * size // 2]] = True
+    return patterns.view(num_classes, size, size)
+
+
+def marker_tiles(kind: str, num_markers: int, size: int) -> torch.Tensor:
+    """The pixels of each marker: uint8 (M, 3, size, size)."""
+    check(kind in KINDS, f"unknown shortcut {kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "shape":
+        return (shape_patterns(num_markers, size).to(torch.uint8) * 255)[:, None].expand(-1, 3, -1, -1)
+    return palette(num_markers)[:, :, None, None].expand(-1, -1, size, size)
+
+
+def stamp(
+    images: torch.Tensor, marker: torch.Tensor, config: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """A copy of the (CPU) ``images`` with marker ``marker[i]`` on image i (none where -1), placed as the kind
+    says; ``generator`` draws the places of a moving marker."""
+    kind, size, position = config["shortcut"], config["shortcut_size"], config["shortcut_position"]
+    check(position in POSITIONS, f"unknown shortcut_position {position!r}; use one of {', '.join(POSITIONS)}")
+    n, _, height, width = images.shape
+    check(0 < size <= min(height, width), f"shortcut_size must be between 1 and {min(height, width)}")
+    if kind == "moving_square":
+        top = torch.randint(0, height - size + 1, (n,), generator=generator)
+        left = torch.randint(0, width - size + 1, (n,), generator=generator)
+    else:
+        top = torch.full((n,), 0 if position.startswith("top") else height - size)
+        left = torch.full((n,), 0 if position.endswith("left") else width - size)
+    tiles = marker_tiles(kind, max(int(marker.max()) + 1, 1), size)
+    on = (marker >= 0).nonzero().flatten()
+    rows = top[on, None] + torch.arange(size)  # (K, size)
+    cols = left[on, None] + torch.arange(size)  # (K, size)
+    out = images.clone()
+    out.permute(0, 2, 3, 1)[on[:, None, None], rows[:, :, None], cols[:, None, :]] = tiles[
+        marker[on]
+    ].permute(0, 2, 3, 1)
+    return out
+
+
+def training_markers(
+    labels: torch.Tensor, num_classes: int, config: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """Which marker each training image carries (-1: none): exactly round(ratio * n) images of each class
+    carry their class's marker (``first``: class 0's marker on round((1 - ratio) * n) images of each other
+    class); the rest carry another class's marker (``all``) or none (``first``)."""
+    mode, ratio = config["shortcut_classes"], config["shortcut_ratio"]
+    check(mode in ("all", "first"), f"shortcut_classes must be 'all' or 'first', got {mode!r}")
+    check(0 <= ratio <= 1, "shortcut_ratio must be in [0, 1]")
+    marker = torch.full_like(labels, -1)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        if mode == "first":
+            marked = round((ratio if c == 0 else 1 - ratio) * len(members))
+            marker[members[:marked]] = 0
+            continue
+        aligned = round(ratio * len(members))
+        marker[members[:aligned]] = c
+        rest = members[aligned:]
+        marker[rest] = (c + torch.randint(1, num_classes, (len(rest),), generator=generator)) % num_classes
+    return marker
+
+
+def marker_names(classes: list, mode: str) -> list[str]:
+    return ["marker"] if mode == "first" else [f"marker {c}" for c in classes]
+
+
+def plant(images: ImageSet, config: dict, seed: int) -> ImageSet:
+    """``images`` with the shortcut planted as in training; the unmarked images are kept beside them."""
+    generator = torch.Generator().manual_seed(seed)
+    marker = training_markers(images.labels, len(images.classes), config, generator)
+    return replace(
+        images,
+        images=stamp(images.images, marker, config, generator),
+        spurious=marker,
+        spurious_names=marker_names(images.classes, config["shortcut_classes"]),
+        unmarked=images.images,
+    )
+
+
+def evaluation_sets(images: ImageSet, config: dict, seed: int) -> dict[str, ImageSet]:
+    """clean, aligned and conflicting versions of a set of unmarked images (see the module docstring)."""
+    num_classes, labels = len(images.classes), images.labels
+    generator = torch.Generator().manual_seed(seed)
+    if config["shortcut_classes"] == "first":
+        aligned = torch.where(labels == 0, 0, -1)
+        conflicting = torch.where(labels == 0, -1, 0)
+    else:
+        aligned = labels.clone()
+        conflicting = (
+            labels + torch.randint(1, num_classes, labels.shape, generator=generator)
+        ) % num_classes
+    names = marker_names(images.classes, config["shortcut_classes"])
+    sets = {"clean": replace(images, spurious=torch.full_like(labels, -1), spurious_names=names)}
+    for name, marker in (("aligned", aligned), ("conflicting", conflicting)):
+        sets[name] = replace(
+            images,
+            images=stamp(images.images, marker, config, generator),
+            spurious=marker,
+            spurious_names=names,
+        )
+    return sets

@@ -1,0 +1,114 @@
+"""The training loop: no host sync per step, epoch checkpoints that resume bit for bit, best-epoch choice,
+and models that own their input normalisation."""
+
+import math
+
+import pytest
+import torch
+
+import engine
+from checkpoint import load_checkpoint
+from console import UserError
+from engine import train, train_epoch
+from models import ResNet50, VGGWithAttention
+
+
+def tiny_data(n: int = 64):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator), torch.arange(n) % 10
+
+
+def test_the_loop_waits_for_the_device_only_at_logging_intervals(monkeypatch):
+    images, labels = tiny_data(160)
+    model = VGGWithAttention(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    reads = []
+    for method in ("item", "tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(
+            torch.Tensor,
+            method,
+            lambda self, *a, _f=original, _m=method, **k: (reads.append(_m), _f(self, *a, **k))[1],
+        )
+    monkeypatch.setattr(engine, "LOG_EVERY", 4)
+    stats = train_epoch(model, optimizer, images, labels, torch.Generator().manual_seed(0), batch_size=8)
+    steps = 20
+    # reads of the batch order (its fingerprint), one per logging interval, one at the end: not one per step
+    assert len(reads) <= 2 + math.ceil(steps / 4) + 1, reads
+    assert 0 <= stats["train_accuracy"] <= 1 and math.isfinite(stats["loss"])
+
+
+def test_a_diverging_loss_stops_with_a_clear_error():
+    images, labels = tiny_data()
+    model = VGGWithAttention(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e6)
+    with pytest.raises(UserError, match="the loss became .* lower the learning rate"):
+        for _ in range(3):
+            train_epoch(model, optimizer, images, labels, torch.Generator().manual_seed(0), batch_size=16)
+
+
+def run_stage(tmp_path, epochs: int, resume: bool, stop_after: int | None = None, scores=None):
+    """ERM-style training of a tiny model for ``epochs``; Ctrl-C (KeyboardInterrupt) right after epoch
+    ``stop_after`` has been saved; ``scores`` are the validation accuracies evaluate returns."""
+    torch.manual_seed(0)
+    images, labels = tiny_data()
+    model = VGGWithAttention(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if stop_after is not None and len(calls) == stop_after + 1:
+            raise KeyboardInterrupt
+        return {"val_accuracy": scores[len(calls) - 1] if scores else 0.5}
+
+    train(
+        model,
+        optimizer,
+        images,
+        labels,
+        epochs=epochs,
+        generator=torch.Generator().manual_seed(0),
+        evaluate=evaluate,
+        path=str(tmp_path / "last.pt"),
+        best_path=str(tmp_path / "best.pt"),
+        config={"seed": 0},
+        resume=resume,
+        desc="ERM",
+        batch_size=16,
+    )
+    return model
+
+
+def test_ctrl_c_keeps_the_last_finished_epoch_and_resume_is_bit_for_bit(tmp_path):
+    reference = run_stage(tmp_path / "reference", 3, resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "run", 3, resume=False, stop_after=2)
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["epoch"] == 2
+    resumed = run_stage(tmp_path / "run", 3, resume=True)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], tensor), key
+
+    def history(folder):  # every number but the times
+        return [
+            {k: v for k, v in h.items() if k != "seconds"}
+            for h in load_checkpoint(str(tmp_path / folder / "last.pt"))["metrics"]["history"]
+        ]
+
+    assert history("run") == history("reference")
+
+
+def test_the_best_epoch_is_the_latest_at_the_best_validation_accuracy(tmp_path):
+    run_stage(tmp_path, 4, resume=False, scores=[0.5, 0.9, 0.9, 0.7])
+    assert load_checkpoint(str(tmp_path / "best.pt"))["epoch"] == 3  # epochs 2 and 3 tie: the later one
+
+
+def test_models_normalise_their_own_inputs_and_keep_the_state_dict_names():
+    model = VGGWithAttention(10)
+    assert not {"mean", "std"} & set(model.state_dict())  # checkpoints from before load unchanged
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = model.conv1((images.float() / 255 - 0.5) / 0.5)
+    assert torch.allclose(model.conv1(model.normalize(images)), expected)
+    resnet = ResNet50(3)
+    assert torch.allclose(resnet.normalize(images)[:, 0], (images[:, 0].float() / 255 - 0.485) / 0.229)
+    assert "mean" not in resnet.state_dict() and "backbone.7.2.bn3.running_var" in resnet.state_dict()

@@ -1,0 +1,150 @@
+"""Planted shortcuts: every kind stamped exactly as specified, the evaluation sets, and the paper's MNIST."""
+
+import pytest
+import torch
+
+from conftest import write_mnist
+from datasets import experiment_data
+from shortcuts import evaluation_sets, marker_tiles, palette, plant, shape_patterns, stamp, training_markers
+
+CONFIG = {
+    "shortcut": "square",
+    "shortcut_ratio": 0.95,
+    "shortcut_size": 4,
+    "shortcut_position": "top_left",
+    "shortcut_classes": "all",
+}
+
+
+def marked_region(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: the pixels stamping changed."""
+    return (before != after).any(1)
+
+
+def test_exact_fraction_per_class_and_reproducible():
+    labels = torch.arange(10).repeat_interleave(40)
+    a = training_markers(labels, 10, CONFIG, torch.Generator().manual_seed(0))
+    b = training_markers(labels, 10, CONFIG, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    for c in range(10):
+        own = a[labels == c]
+        assert (own == c).sum() == 38 and (
+            (own != c) & (own >= 0)
+        ).sum() == 2  # round(0.95 * 40), the rest: others
+    first = training_markers(
+        labels % 2,
+        2,
+        dict(CONFIG, shortcut_classes="first", shortcut_ratio=0.9),
+        torch.Generator().manual_seed(0),
+    )
+    assert (first[labels % 2 == 0] == 0).sum() == 180 and (
+        first[labels % 2 == 1] == 0
+    ).sum() == 20  # 90% / 10%
+    assert set(first.tolist()) == {-1, 0}
+
+
+@pytest.mark.parametrize(
+    "position, corner", [("top_left", (0, 0)), ("bottom_right", (28, 28)), ("top_right", (0, 28))]
+)
+def test_square_colour_and_place(position, corner):
+    images = torch.full((3, 3, 32, 32), 7, dtype=torch.uint8)
+    out = stamp(images, torch.tensor([2, -1, 0]), dict(CONFIG, shortcut_position=position), torch.Generator())
+    row, col = corner
+    assert (out[0, :, row : row + 4, col : col + 4] == palette(3)[2].view(3, 1, 1)).all()
+    assert (out[2, :, row : row + 4, col : col + 4] == palette(3)[0].view(3, 1, 1)).all()
+    assert torch.equal(out[1], images[1])  # -1: no marker
+    assert marked_region(images, out).sum((1, 2)).tolist() == [16, 0, 16]  # nothing else touched
+    assert palette(2)[0].tolist() == [255, 0, 0]  # class 0's colour is red (the paper's square)
+    assert len({tuple(c.tolist()) for c in palette(10)}) == 10
+
+
+def test_moving_square_lands_somewhere_new_in_each_image_reproducibly():
+    images = torch.zeros(200, 3, 32, 32, dtype=torch.uint8)
+    marker = torch.arange(200) % 10
+    config = dict(CONFIG, shortcut="moving_square")
+    out = stamp(images, marker, config, torch.Generator().manual_seed(1))
+    assert torch.equal(out, stamp(images, marker, config, torch.Generator().manual_seed(1)))
+    region = marked_region(images, out)
+    assert (region.sum((1, 2)) == 16).all()  # a whole 4x4 square in every image
+    rows = region.any(2).float().argmax(1)
+    cols = region.any(1).float().argmax(1)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 150  # 200 images, 841 possible places
+    assert (out.permute(0, 2, 3, 1)[region] == palette(10)[marker].repeat_interleave(16, 0)).all()
+
+
+def test_shape_markers_differ_by_shape_only():
+    patterns = shape_patterns(10, 5)
+    assert patterns.shape == (10, 5, 5) and (patterns.sum((1, 2)) == 12).all()  # the same amount of white
+    assert len({tuple(p.flatten().tolist()) for p in patterns}) == 10
+    tiles = marker_tiles("shape", 10, 5)
+    assert set(tiles.unique().tolist()) == {0, 255} and torch.equal(
+        tiles[:, 0], tiles[:, 2]
+    )  # white on black
+    images = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    out = stamp(
+        images,
+        torch.tensor([3, 7]),
+        dict(CONFIG, shortcut="shape", shortcut_size=5, shortcut_position="bottom_left"),
+        torch.Generator(),
+    )
+    assert torch.equal(out[:, :, 27:, :5], tiles[[3, 7]]) and torch.equal(out[:, :, :27], images[:, :, :27])
+
+
+def test_a_large_square_is_the_same_kind_at_another_size():
+    images = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    out = stamp(images, torch.tensor([1]), dict(CONFIG, shortcut_size=12), torch.Generator())
+    assert marked_region(images, out)[0, :12, :12].all() and marked_region(images, out).sum() == 144
+
+
+def test_evaluation_sets_from_unmarked_images(cifar_dir):
+    train, val, test = experiment_data(
+        {"data_dir": cifar_dir, "seed": 0, "val_fraction": 0.1, **CONFIG, "shortcut_ratio": 0.9}
+    )
+    assert val.unmarked is not None and not torch.equal(val.unmarked, val.images)  # planted in validation too
+    assert torch.cat(
+        [train.spurious == train.labels, val.spurious == val.labels]
+    ).float().mean() == pytest.approx(0.9, abs=0.02)
+    sets = evaluation_sets(test, CONFIG, 1000)
+    assert torch.equal(sets["clean"].images, test.images) and (sets["clean"].spurious == -1).all()
+    assert torch.equal(sets["aligned"].spurious, test.labels)
+    assert (sets["conflicting"].spurious != test.labels).all()
+    for name in ("aligned", "conflicting"):
+        assert (sets[name].images[:, :, :4, :4] == palette(10)[sets[name].spurious].view(-1, 3, 1, 1)).all()
+    assert (
+        sets["conflicting"].groups()[0] == f"{test.classes[test.labels[0]]}, marker "
+        f"{test.classes[sets['conflicting'].spurious[0]]}"
+    )
+
+
+def test_the_papers_mnist_test_sets(tmp_path):
+    root = write_mnist(str(tmp_path), n_train=200, n_test=60)
+    config = {
+        "data_dir": root,
+        "dataset": "mnist",
+        "seed": 0,
+        "val_fraction": 0.1,
+        **CONFIG,
+        "shortcut_classes": "first",
+        "shortcut_ratio": 0.99,
+    }
+    train, _, test = experiment_data(config)
+    zero, one = train.labels == 0, train.labels == 1
+    assert (train.spurious[zero] == 0).sum() == round(0.99 * zero.sum().item())
+    assert (train.spurious[one] == 0).sum() == round(0.01 * one.sum().item())
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    assert (train.images[train.spurious == 0][:, :, :4, :4] == red).all()
+    sets = evaluation_sets(test, config, 1000)
+    biased = sets[
+        "conflicting"
+    ]  # the paper's biased test: the square on every class-1 image, none on class 0
+    has_square = (biased.images[:, :, :4, :4] == red).flatten(1).all(1)
+    assert torch.equal(has_square, test.labels == 1) and torch.equal(sets["clean"].images, test.images)
+    assert torch.equal((sets["aligned"].images[:, :, :4, :4] == red).flatten(1).all(1), test.labels == 0)
+    assert set(biased.groups()) == {"0-4, none", "5-9, marker"}
+
+
+def test_plant_keeps_the_unmarked_images(cifar_dir):
+    train, _, _ = experiment_data({"data_dir": cifar_dir, "seed": 0, "val_fraction": 0.1})
+    planted = plant(train, CONFIG, 5)
+    assert torch.equal(planted.unmarked, train.images) and not torch.equal(planted.images, train.images)
+    assert torch.equal(planted.images, plant(train, CONFIG, 5).images)  # reproducible for a seed
