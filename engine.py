@@ -200,8 +200,10 @@ def train(
 
 def finetune_lr(learning_rate: float, epochs: int, schedule: str) -> Callable[[float], float]:
     """The fine-tuning learning rate after ``done`` epochs: constant, or decayed linearly to 0 ("linear")."""
-    check(
-        schedule in ("constant", "linear"),
-        f"finetune_schedule must be 'constant' or 'linear', got {schedule!r}",
-    )
     return lambda done: learning_rate * (1 - done / epochs if schedule == "linear" else 1.0)
+
+
+def finetune_length(images: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Epochs of fine-tuning: ``epochs``, or more whole epochs until at least ``min_steps`` steps (on a small
+    data set one epoch is only a few dozen steps)."""
+    return max(epochs, math.ceil(min_steps / math.ceil(images / batch_size)))

@@ -33,7 +33,7 @@ from console import check
 from datasets import experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main
-from engine import accuracy, finetune_lr, predict, train, weights_sha1
+from engine import accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
 from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like
 from metrics import evaluate_predictions, format_evaluation, write_predictions
 from models import AttentionMaskingResNet50, ResNet50
@@ -93,6 +93,7 @@ mask_fill = (
 finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (validation) or "last"
 finetune_epochs = 1  # MaskTune fine-tunes for one epoch
 finetune_learning_rate = 1e-4  # the report's fine-tuning learning rate
+finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
 finetune_schedule = "constant"  # "constant", or "linear": decayed to 0 over the fine-tune
 controls = True  # also the no-mask (and, for input masks, the random-mask) fine-tunes
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
@@ -112,9 +113,12 @@ check(
 )
 check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
 check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
+check(
+    finetune_schedule in ("constant", "linear"),
+    f"finetune_schedule: constant or linear, not {finetune_schedule!r}",
+)
 check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")
-finetune_rate = finetune_lr(finetune_learning_rate, finetune_epochs, finetune_schedule)
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
@@ -130,6 +134,7 @@ print(
     f"groups {'known' if test_set.spurious is not None else 'unknown'}, device {device_}"
 )
 train_images, train_labels = train_set.images.to(device_), train_set.labels.to(device_)
+finetune_epochs = finetune_length(len(train_set), batch_size, finetune_epochs, finetune_min_steps)
 epoch_settings = dict(batch_size=batch_size, augment=augment, amp=amp)
 speed = dict(channels_last=channels_last, compile_model=compile_model)
 
@@ -196,7 +201,10 @@ else:
     )
     masks_of = {"finetuned": masks}
     if controls:
-        masks_of.update(nomask=torch.zeros_like(masks), randommask=random_masks_like(masks, generator))
+        masks_of.update(
+            nomask=torch.zeros_like(masks),
+            randommask=random_masks_like(masks, torch.Generator().manual_seed(seed + 3)),
+        )
     variants = {
         name: fill_masks(train_images, m, mask_fill, torch.Generator().manual_seed(seed + 2))
         for name, m in masks_of.items()
@@ -227,7 +235,7 @@ for name, images in variants.items():
         resume=resume,
         desc=f"fine-tune {name}",
         extra={"start_weights_sha1": weights_sha1(net)},
-        lr_at=finetune_rate,
+        lr_at=finetune_lr(finetune_learning_rate, finetune_epochs, finetune_schedule),
         **epoch_settings,
     )
 

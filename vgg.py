@@ -30,7 +30,7 @@ from console import check
 from datasets import DATASETS, experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main, world_size
-from engine import accuracy, finetune_lr, predict, train, weights_sha1
+from engine import accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
 from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like, saliency_mask
 from models import VGGWithAttention
 from plots import save_image_grid, save_training_curves
@@ -77,6 +77,7 @@ mask_fill = "black"  # "black" (the paper), "shuffle" or "swap": pixels of a ran
 finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (validation) or "last"
 finetune_epochs = 1  # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
 finetune_learning_rate = 2e-4  # fine-tuning learning rate
+finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
 finetune_schedule = "constant"  # "constant", or "linear": decayed to 0 over the fine-tune
 controls = True  # also fine-tune without masks and with random masks (same everything else)
 erm_dir = ""  # a folder where vgg.py trained ERM on the same data: reuse it instead of training
@@ -95,6 +96,10 @@ check(masking in STRATEGIES, f"unknown masking strategy {masking!r}; use one of 
 check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
 check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
 check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
+check(
+    finetune_schedule in ("constant", "linear"),
+    f"finetune_schedule: constant or linear, not {finetune_schedule!r}",
+)
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
@@ -108,6 +113,8 @@ print(
     f"classes ({', '.join(train_set.classes[:10])}), device {device_}"
 )
 train_images, train_labels = train_set.images.to(device_), train_set.labels.to(device_)
+if finetune_epochs:  # at least finetune_min_steps steps
+    finetune_epochs = finetune_length(len(train_set), batch_size, finetune_epochs, finetune_min_steps)
 epoch_settings = dict(batch_size=batch_size, augment=augment, amp=amp)
 
 
@@ -214,7 +221,7 @@ print(
 masks_of = {"finetuned": masks}
 if controls:  # the same fine-tune without masks, and with each mask moved to a random place
     masks_of["nomask"] = torch.zeros_like(masks)
-    masks_of["randommask"] = random_masks_like(masks, generator)
+    masks_of["randommask"] = random_masks_like(masks, torch.Generator().manual_seed(seed + 3))
 # the same pairing of images for every fill from another image, so the runs differ only in their masks
 variants = {
     name: fill_masks(train_images, m, mask_fill, torch.Generator().manual_seed(seed + 2))
@@ -224,7 +231,8 @@ examples = torch.randperm(len(train_images), generator=torch.Generator().manual_
 erm_heatmaps = saliency_mask(model, train_images[examples], masking, attention_quantile, mask_std)[0]
 # test images that break the shortcut (if any): does the fine-tuned model still look at the marker?
 shown = evaluation_sets(test_set, config, seed + 1000)["conflicting"] if shortcut else test_set
-shown_images = shown.images[:8].to(device_)
+shown_index = torch.randperm(len(shown), generator=torch.Generator().manual_seed(seed))[:8]
+shown_images = shown.images[shown_index].to(device_)
 erm_shown_heatmaps = saliency_mask(model, shown_images, masking, attention_quantile, mask_std)[0]
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------
@@ -271,7 +279,7 @@ for name, images in variants.items():
             },
             titles={
                 "training image": [train_set.classes[int(c)] for c in train_labels[examples]],
-                "test image": [shown.classes[int(c)] for c in shown.labels[:8]],
+                "test image": [shown.classes[int(c)] for c in shown.labels[shown_index]],
             },
         )
 

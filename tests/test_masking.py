@@ -126,6 +126,7 @@ def planted_model():
     return model, test_images, test_labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["attention", "xgradcam"])
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32", "amp_channels_last"])
 def test_masks_cover_the_planted_patch(planted_model, strategy, fast):

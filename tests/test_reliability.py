@@ -91,7 +91,7 @@ def test_resume_keeps_finished_work_and_refuses_another_config(reference_run, ci
     )
     assert "ERM: done before, kept" in out and "fine-tune finetuned: done before, kept" in out
     assert all(open(os.path.join(reference_run, f"vgg_{n}.pt"), "rb").read() == b for n, b in before.items())
-    with pytest.raises(UserError, match="cannot resume .* learning_rate=0.02"):
+    with pytest.raises(UserError, match="cannot resume .*learning_rate=0.02"):
         run_here(
             "vgg.py",
             f"--data_dir={cifar_dir}",
