@@ -198,9 +198,19 @@ def train(
     return history
 
 
+FINETUNE_SCHEDULES = ("constant", "linear", "one_cycle")
+
+
 def finetune_lr(learning_rate: float, epochs: int, schedule: str) -> Callable[[float], float]:
-    """The fine-tuning learning rate after ``done`` epochs: constant, or decayed linearly to 0 ("linear")."""
-    return lambda done: learning_rate * (1 - done / epochs if schedule == "linear" else 1.0)
+    """The fine-tuning learning rate after ``done`` epochs: constant; decayed linearly to 0 ("linear"); or
+    warmed up linearly over the first quarter, then decayed linearly to 0 ("one_cycle": a model at the end
+    of its ERM schedule can diverge when the rate jumps up at once)."""
+    if schedule == "constant":
+        return lambda done: learning_rate
+    warmup = epochs / 4 if schedule == "one_cycle" else 0.0
+    return lambda done: (
+        learning_rate * min((done + 1e-3) / warmup if warmup else 1.0, (epochs - done) / (epochs - warmup))
+    )
 
 
 def finetune_length(images: int, batch_size: int, epochs: int, min_steps: int) -> int:

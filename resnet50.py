@@ -33,7 +33,7 @@ from console import check
 from datasets import experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main
-from engine import accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
+from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
 from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like
 from metrics import evaluate_predictions, format_evaluation, write_predictions
 from models import AttentionMaskingResNet50, ResNet50
@@ -94,7 +94,7 @@ finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (valid
 finetune_epochs = 1  # MaskTune fine-tunes for one epoch
 finetune_learning_rate = 1e-4  # the report's fine-tuning learning rate
 finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
-finetune_schedule = "constant"  # "constant", or "linear": decayed to 0 over the fine-tune
+finetune_schedule = "constant"  # "constant", "linear" (decayed to 0) or "one_cycle" (warm-up, then decay)
 controls = True  # also the no-mask (and, for input masks, the random-mask) fine-tunes
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
 
@@ -114,8 +114,8 @@ check(
 check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
 check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
 check(
-    finetune_schedule in ("constant", "linear"),
-    f"finetune_schedule: constant or linear, not {finetune_schedule!r}",
+    finetune_schedule in FINETUNE_SCHEDULES,
+    f"finetune_schedule: one of {FINETUNE_SCHEDULES}, not {finetune_schedule!r}",
 )
 check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")

@@ -30,7 +30,7 @@ from console import check
 from datasets import DATASETS, experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main, world_size
-from engine import accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
+from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
 from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like, saliency_mask
 from models import VGGWithAttention
 from plots import save_image_grid, save_training_curves
@@ -78,7 +78,7 @@ finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (valid
 finetune_epochs = 1  # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
 finetune_learning_rate = 2e-4  # fine-tuning learning rate
 finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
-finetune_schedule = "constant"  # "constant", or "linear": decayed to 0 over the fine-tune
+finetune_schedule = "constant"  # "constant", "linear" (decayed to 0) or "one_cycle" (warm-up, then decay)
 controls = True  # also fine-tune without masks and with random masks (same everything else)
 erm_dir = ""  # a folder where vgg.py trained ERM on the same data: reuse it instead of training
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
@@ -97,8 +97,8 @@ check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
 check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
 check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
 check(
-    finetune_schedule in ("constant", "linear"),
-    f"finetune_schedule: constant or linear, not {finetune_schedule!r}",
+    finetune_schedule in FINETUNE_SCHEDULES,
+    f"finetune_schedule: one of {FINETUNE_SCHEDULES}, not {finetune_schedule!r}",
 )
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)

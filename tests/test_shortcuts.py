@@ -1,9 +1,11 @@
 """Planted shortcuts: every kind stamped exactly as specified, the evaluation sets, and the paper's MNIST."""
 
+import json
+
 import pytest
 import torch
 
-from conftest import write_mnist
+from conftest import noise_images, run_here, write_cifar_pickles, write_mnist
 from datasets import experiment_data
 from shortcuts import evaluation_sets, marker_tiles, palette, plant, shape_patterns, stamp, training_markers
 
@@ -148,3 +150,41 @@ def test_plant_keeps_the_unmarked_images(cifar_dir):
     planted = plant(train, CONFIG, 5)
     assert torch.equal(planted.unmarked, train.images) and not torch.equal(planted.images, train.images)
     assert torch.equal(planted.images, plant(train, CONFIG, 5).images)  # reproducible for a seed
+
+
+@pytest.fixture(scope="module")
+def noise_cifar(tmp_path_factory):
+    """Pure-noise images: a planted marker is the only signal there is."""
+    return write_cifar_pickles(
+        str(tmp_path_factory.mktemp("noise")), n_train=600, n_test=200, make_images=noise_images
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, size", [("square", 8), ("moving_square", 6), ("shape", 6)])
+def test_the_default_masktune_stops_following_a_planted_marker(noise_cifar, tmp_path, kind, size):
+    """ERM follows the marker (its class's marker on every training image); MaskTune with the default
+    saliency, fill and learning rate (a shortened fine-tune) stops following it. A control run with the
+    masks moved to random places does not: the masks are what removes it."""
+    args = [
+        f"--data_dir={noise_cifar}",
+        f"--checkpoint_dir={tmp_path}",
+        f"--out_dir={tmp_path}",
+        "--num_epochs=4",
+        "--batch_size=32",
+        "--val_fraction=0.1",
+        f"--shortcut={kind}",
+        "--shortcut_ratio=1.0",
+        f"--shortcut_size={size}",
+        "--augment=False",
+        "--eval_batch_size=200",
+        "--finetune_min_steps=60",
+    ]
+    run_here("vgg.py", *args)
+    run_here("evaluate_vgg.py", *args)
+    models = json.load(open(tmp_path / "metrics.json"))["models"]
+    erm, masktune, control = models["ERM"], models["MaskTune"], models["random-mask control"]
+    assert erm["aligned_accuracy"] > 0.9 and erm["conflicting_accuracy"] < 0.1  # ERM follows the marker
+    assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.5  # MaskTune does not
+    assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.02
+    assert control["aligned_accuracy"] > masktune["aligned_accuracy"] + 0.2
