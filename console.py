@@ -20,6 +20,11 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def check_choice(name: str, value, choices) -> None:
+    """``value`` must be one of ``choices``: a UserError naming the setting otherwise."""
+    check(value in choices, f"unknown {name} {value!r}; use one of {', '.join(map(str, choices))}")
+
+
 def _error_hook(kind, value, traceback) -> None:
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr)

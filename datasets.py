@@ -18,7 +18,7 @@ import torch
 
 from celeba import celeba_files, list_celeba
 from cifar10 import CIFAR10_ARCHIVE, CIFAR10_FOLDER, load_cifar10
-from console import UserError, check
+from console import UserError, check, check_choice
 from data import FileList, ImageSet, list_image_files, split_validation
 from mnist import load_mnist
 from shortcuts import plant
@@ -51,7 +51,7 @@ def load_splits(config: dict, fallback: str = "") -> tuple[ImageSet, ImageSet | 
     data set: ``dataset`` names it, or ``auto`` recognises it in ``data_dir`` (``fallback`` when nothing
     is there)."""
     data_dir, dataset = config["data_dir"], config.get("dataset", "auto")
-    check(dataset in DATASETS, f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
+    check_choice("dataset", dataset, DATASETS)
     if dataset == "auto":
         dataset = recognise(data_dir) or fallback
         check(

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from console import check, progress
+from console import check_choice, progress
 from data import in_order
 from device import autocast, model_device
 from distributed import gather_rows, my_range
@@ -96,9 +96,7 @@ def saliency_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden. ``amp``: the
     trunk in bf16 where native (see ``trunk_features``)."""
-    check(
-        strategy in STRATEGIES, f"unknown masking strategy {strategy!r}; use one of {', '.join(STRATEGIES)}"
-    )
+    check_choice("masking", strategy, STRATEGIES)
     if strategy == "attention":
         cam = attention_saliency(model, inputs, amp)
         threshold = quantile_threshold(cam, attention_quantile)
@@ -187,7 +185,7 @@ def fill_masks(
     swap     the masked region of a random other image, moved onto this one's (their mask centroids
              aligned): a marker that moves from image to image lands where this image's marker was
     """
-    check(fill in FILLS, f"unknown mask_fill {fill!r}; use one of {', '.join(FILLS)}")
+    check_choice("mask_fill", fill, FILLS)
     masks = masks.to(images.device)
     if fill == "black":
         return torch.where(masks[:, None], torch.zeros((), dtype=images.dtype, device=images.device), images)

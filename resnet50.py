@@ -29,7 +29,7 @@ import torch
 
 from checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
 from config import configure
-from console import check
+from console import check, check_choice
 from datasets import experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main
@@ -103,20 +103,11 @@ check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
 check(num_epochs > 0 and finetune_epochs > 0, "num_epochs and finetune_epochs must be positive")
 check(learning_rate > 0 and finetune_learning_rate > 0, "learning rates must be positive")
 check(0 <= momentum < 1 and weight_decay >= 0, "momentum must be in [0, 1), weight_decay >= 0")
-check(
-    dataset in ("auto", "celeba", "waterbirds", "folder"),
-    "resnet50.py reads celeba, waterbirds or folder data",
-)
-check(
-    masking in (*STRATEGIES, "feature"),
-    f"unknown masking strategy {masking!r}; use xgradcam, attention or feature",
-)
-check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
-check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
-check(
-    finetune_schedule in FINETUNE_SCHEDULES,
-    f"finetune_schedule: one of {FINETUNE_SCHEDULES}, not {finetune_schedule!r}",
-)
+check_choice("dataset", dataset, ("auto", "celeba", "waterbirds", "folder"))
+check_choice("masking", masking, (*STRATEGIES, "feature"))
+check_choice("mask_fill", mask_fill, FILLS)
+check_choice("finetune_from", finetune_from, ("best", "last"))
+check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
 check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")
 ensure_writable_dir(checkpoint_dir)

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from console import check
+from console import check, check_choice
 from data import ImageSet
 
 KINDS = ("square", "moving_square", "shape")
@@ -53,7 +53,7 @@ def shape_patterns(num_classes: int, size: int) -> torch.Tensor:
 
 def marker_tiles(kind: str, num_markers: int, size: int) -> torch.Tensor:
     """The pixels of each marker: uint8 (M, 3, size, size)."""
-    check(kind in KINDS, f"unknown shortcut {kind!r}; use one of {', '.join(KINDS)}")
+    check_choice("shortcut", kind, KINDS)
     if kind == "shape":
         return (shape_patterns(num_markers, size).to(torch.uint8) * 255)[:, None].expand(-1, 3, -1, -1)
     return palette(num_markers)[:, :, None, None].expand(-1, -1, size, size)
@@ -65,7 +65,7 @@ def stamp(
     """A copy of the (CPU) ``images`` with marker ``marker[i]`` on image i (none where -1), placed as the kind
     says; ``generator`` draws the places of a moving marker."""
     kind, size, position = config["shortcut"], config["shortcut_size"], config["shortcut_position"]
-    check(position in POSITIONS, f"unknown shortcut_position {position!r}; use one of {', '.join(POSITIONS)}")
+    check_choice("shortcut_position", position, POSITIONS)
     n, _, height, width = images.shape
     check(0 < size <= min(height, width), f"shortcut_size must be between 1 and {min(height, width)}")
     if kind == "moving_square":
@@ -92,7 +92,7 @@ def training_markers(
     carry their class's marker (``first``: class 0's marker on round((1 - ratio) * n) images of each other
     class); the rest carry another class's marker (``all``) or none (``first``)."""
     mode, ratio = config["shortcut_classes"], config["shortcut_ratio"]
-    check(mode in ("all", "first"), f"shortcut_classes must be 'all' or 'first', got {mode!r}")
+    check_choice("shortcut_classes", mode, ("all", "first"))
     check(0 <= ratio <= 1, "shortcut_ratio must be in [0, 1]")
     marker = torch.full_like(labels, -1)
     for c in range(num_classes):

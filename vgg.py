@@ -26,7 +26,7 @@ import torch
 
 from checkpoint import ensure_writable_dir, load_checkpoint, load_weights
 from config import configure
-from console import check
+from console import check, check_choice
 from datasets import DATASETS, experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main, world_size
@@ -91,15 +91,12 @@ check(
     0 <= momentum < 1 and weight_decay >= 0 and warmup_epochs >= 0,
     "momentum must be in [0, 1), weight_decay >= 0",
 )
-check(dataset in DATASETS[:5], f"vgg.py reads one of {', '.join(DATASETS[:5])}; CelebA is resnet50.py's")
-check(masking in STRATEGIES, f"unknown masking strategy {masking!r}; use one of {', '.join(STRATEGIES)}")
+check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
+check_choice("masking", masking, STRATEGIES)
 check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
-check(mask_fill in FILLS, f"unknown mask_fill {mask_fill!r}; use one of {', '.join(FILLS)}")
-check(finetune_from in ("best", "last"), f"finetune_from must be 'best' or 'last', got {finetune_from!r}")
-check(
-    finetune_schedule in FINETUNE_SCHEDULES,
-    f"finetune_schedule: one of {FINETUNE_SCHEDULES}, not {finetune_schedule!r}",
-)
+check_choice("mask_fill", mask_fill, FILLS)
+check_choice("finetune_from", finetune_from, ("best", "last"))
+check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
 ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device

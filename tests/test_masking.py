@@ -159,7 +159,7 @@ def test_masks_cover_the_planted_patch(planted_model, strategy, fast):
 def test_saliency_mask_rejects_unknown_strategy():
     from console import UserError
 
-    with pytest.raises(UserError, match="unknown masking strategy"):
+    with pytest.raises(UserError, match="unknown masking .gradcam."):
         saliency_mask(VGGWithAttention(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "gradcam")
     with pytest.raises(UserError, match="unknown mask_fill"):
         fill_masks(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.bool), "grey")

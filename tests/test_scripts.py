@@ -160,7 +160,7 @@ def test_reusing_an_erm_run_and_refusing_one_on_other_data(vgg_run, tmp_path):
     "args, message",
     [
         (["--batch_sise=4"], "unknown hyperparameter 'batch_sise'"),
-        (["--masking=gradcam"], "unknown masking strategy 'gradcam'"),
+        (["--masking=gradcam"], "unknown masking 'gradcam'"),
         (["config/no_such_recipe.py"], "cannot read recipe file 'config/no_such_recipe.py'"),
     ],
 )
