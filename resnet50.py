@@ -82,18 +82,14 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the models: compilation takes a while, pays off on long runs
 # MaskTune
-masking = (
-    "xgradcam"  # "xgradcam" or "attention" (input masks), or "feature" (the report's learned feature mask)
-)
+masking = "attention"  # "attention" or "xgradcam" (input masks), or "feature" (the report's feature mask)
 attention_quantile = 0.75  # attention: mask pixels above this per-image quantile of the map
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
-mask_fill = (
-    "black"  # "black" (the paper), "shuffle" or "swap": pixels of a random other image (see masking.py)
-)
-finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (validation) or "last"
+mask_fill = "shuffle"  # "shuffle" or "swap": pixels of a random other image; "black" (the paper)
+finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
 finetune_epochs = 1  # MaskTune fine-tunes for one epoch
-finetune_learning_rate = 1e-4  # the report's fine-tuning learning rate
-finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
+finetune_learning_rate = 1e-3  # the ERM's rate, as in the paper's code (the report used 1e-4)
+finetune_min_steps = 500  # more whole epochs until this many steps (small data sets need them)
 finetune_schedule = "constant"  # "constant", "linear" (decayed to 0) or "one_cycle" (warm-up, then decay)
 controls = True  # also the no-mask (and, for input masks, the random-mask) fine-tunes
 resume = False  # continue an interrupted run (same settings) from its last finished epoch

@@ -70,14 +70,14 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the model: compilation takes a while, pays off on long GPU runs
 # MaskTune: masks computed once, with the frozen best ERM model
-masking = "xgradcam"  # saliency: "xgradcam" (the paper's) or "attention" (the report's)
+masking = "attention"  # saliency: "attention" (the model's attention map) or "xgradcam" (the paper's)
 attention_quantile = 0.75  # attention: mask pixels above this per-image quantile of the map
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
-mask_fill = "black"  # "black" (the paper), "shuffle" or "swap": pixels of a random other image
-finetune_from = "best"  # the ERM epoch the fine-tune starts from: "best" (validation) or "last"
+mask_fill = "shuffle"  # "shuffle" or "swap": pixels of a random other image; "black" (the paper)
+finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
 finetune_epochs = 1  # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
-finetune_learning_rate = 2e-4  # fine-tuning learning rate
-finetune_min_steps = 0  # more whole epochs until this many steps (small data sets)
+finetune_learning_rate = 0.01  # fine-tuning learning rate (half the ERM peak: 0.02 wrecks CIFAR-10)
+finetune_min_steps = 500  # more whole epochs until this many steps (small data sets need them)
 finetune_schedule = "constant"  # "constant", "linear" (decayed to 0) or "one_cycle" (warm-up, then decay)
 controls = True  # also fine-tune without masks and with random masks (same everything else)
 erm_dir = ""  # a folder where vgg.py trained ERM on the same data: reuse it instead of training
@@ -157,7 +157,13 @@ if erm_dir:  # reuse a trained ERM model, e.g. to compare masking settings on th
     check(
         os.path.isfile(os.path.join(erm_dir, "vgg_initial.pt")), f"erm_dir {erm_dir!r} has no vgg_initial.pt"
     )
-    theirs = load_checkpoint(os.path.join(erm_dir, "vgg_last.pt"), "VGGWithAttention", num_classes)["config"]
+    erm_last = load_checkpoint(os.path.join(erm_dir, "vgg_last.pt"), "VGGWithAttention", num_classes)
+    theirs = erm_last["config"]
+    check(
+        erm_last["epoch"] == theirs["num_epochs"],
+        f"erm_dir {erm_dir!r} holds an unfinished ERM (epoch {erm_last['epoch']} of {theirs['num_epochs']}): "
+        "finish it with its own command and --resume=True",
+    )
     differing = [k for k in DATA_SETTINGS if theirs.get(k) != config[k]]
     check(
         not differing,

@@ -8,5 +8,6 @@ mask_std = 2.0
 mask_fill = "black"
 finetune_from = "last"
 finetune_epochs = 1
+finetune_min_steps = 0
 finetune_learning_rate = 0.02
 finetune_schedule = "constant"

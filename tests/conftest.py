@@ -38,20 +38,21 @@ def patch_corner(label: int, size: int = 32) -> tuple[int, int]:
     return min(row, size - PATCH), min(col, size - PATCH)
 
 
-def noise_images(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """Images with no class information at all (uniform noise)."""
-    return rng.integers(0, 256, size=(len(labels), 3, size, size), dtype=np.uint8)
-
-
 def write_cifar_pickles(
-    root: str, n_train: int = 300, n_test: int = 100, seed: int = 0, make_images=planted_images
+    root: str,
+    n_train: int = 300,
+    n_test: int = 100,
+    seed: int = 0,
+    make_images=planted_images,
+    classes: int = 10,
 ) -> str:
-    """CIFAR-10 python layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+    """CIFAR-10 python layout: root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}, with
+    the first `classes` of CIFAR-10's classes."""
     planted_images = make_images
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
-    train_labels = np.arange(n_train) % 10
+    train_labels = np.arange(n_train) % classes
     rng.shuffle(train_labels)
     train = planted_images(train_labels, rng)
     for b, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
@@ -64,13 +65,15 @@ def write_cifar_pickles(
                 },
                 f,
             )
-    test_labels = np.arange(n_test) % 10
+    test_labels = np.arange(n_test) % classes
     with open(os.path.join(folder, "test_batch"), "wb") as f:
         pickle.dump(
             {"data": planted_images(test_labels, rng).reshape(n_test, -1), "labels": test_labels.tolist()}, f
         )
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f)
+        pickle.dump(
+            {"label_names": CLASSES[:classes], "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f
+        )
     return root
 
 

@@ -35,6 +35,7 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         "--eval_batch_size=64",
         "--val_fraction=0.2",
         "--device=cpu",
+        "--finetune_min_steps=0",
     ]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -54,7 +55,15 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         cpu,
         channels_last=state["config"]["channels_last"],
     )
-    masks = compute_masks(model, train.images, "xgradcam", batch_size=64, amp=state["config"]["amp"])
+    config = state["config"]
+    masks = compute_masks(
+        model,
+        train.images,
+        config["masking"],
+        batch_size=64,
+        attention_quantile=config["attention_quantile"],
+        amp=config["amp"],
+    )
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]
     finetuned = load_checkpoint(str(tmp_path / "ckpt" / "vgg_finetuned.pt"))
     assert finetuned["metrics"]["masks_sha1"] == summary["masks_sha1"]

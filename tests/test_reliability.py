@@ -25,7 +25,13 @@ from console import UserError
 from models import ResNet50, VGGWithAttention
 
 pytestmark = pytest.mark.slow
-TINY = ["--num_epochs=4", "--batch_size=16", "--eval_batch_size=100", "--val_fraction=0.2"]
+TINY = [
+    "--num_epochs=2",
+    "--batch_size=16",
+    "--eval_batch_size=100",
+    "--val_fraction=0.2",
+    "--finetune_min_steps=0",
+]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,14 @@ CELEBA = {
     "eval_subset_size": 0,
     "seed": 0,
 }
-TINY = ["--pretrained=False", "--image_size=32", "--num_epochs=1", "--batch_size=8", "--eval_batch_size=32"]
+TINY = [
+    "--pretrained=False",
+    "--image_size=32",
+    "--num_epochs=1",
+    "--batch_size=8",
+    "--eval_batch_size=32",
+    "--finetune_min_steps=0",
+]
 
 
 @pytest.mark.parametrize("layout", ["kaggle", "torchvision"])

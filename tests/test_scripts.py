@@ -14,7 +14,13 @@ from engine import weights_sha1
 from models import VGGWithAttention
 
 pytestmark = pytest.mark.slow
-FAST = ["--num_epochs=2", "--batch_size=32", "--eval_batch_size=128", "--val_fraction=0.2"]
+FAST = [
+    "--num_epochs=2",
+    "--batch_size=32",
+    "--eval_batch_size=128",
+    "--val_fraction=0.2",
+    "--finetune_min_steps=0",
+]
 
 
 @pytest.fixture(scope="module", params=["cifar", "folder"])
@@ -55,7 +61,8 @@ def test_vgg_writes_reloadable_checkpoints_and_figures(vgg_run):
 def test_controls_differ_from_masktune_only_in_the_masks(vgg_run):
     names = ("finetuned", "nomask", "randommask")
     states = {n: load_checkpoint(os.path.join(vgg_run["ckpt"], f"vgg_{n}.pt")) for n in ("initial", *names)}
-    erm = load_weights(VGGWithAttention(states["initial"]["num_classes"]), states["initial"])
+    start = load_checkpoint(os.path.join(vgg_run["ckpt"], "vgg_last.pt"))  # finetune_from = "last"
+    erm = load_weights(VGGWithAttention(start["num_classes"]), start)
     for n in names:  # same starting weights, same batches in the same order, one epoch
         assert states[n]["metrics"]["start_weights_sha1"] == weights_sha1(erm)
         assert states[n]["metrics"]["batch_order_sha1"] == states["finetuned"]["metrics"]["batch_order_sha1"]
@@ -153,6 +160,19 @@ def test_reusing_an_erm_run_and_refusing_one_on_other_data(vgg_run, tmp_path):
             f"--checkpoint_dir={tmp_path}/b",
             f"--out_dir={tmp_path}/b",
             "--shortcut=square",
+        )
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("initial", "last"):
+        state = torch.load(os.path.join(vgg_run["ckpt"], f"vgg_{name}.pt"), weights_only=True)
+        torch.save({**state, "epoch": 1}, unfinished / f"vgg_{name}.pt")  # as if killed after epoch 1
+    with pytest.raises(UserError, match="holds an unfinished ERM \\(epoch 1 of 2\\)"):
+        run_here(
+            "vgg.py",
+            *args,
+            f"--erm_dir={unfinished}",
+            f"--checkpoint_dir={tmp_path}/c",
+            f"--out_dir={tmp_path}/c",
         )
 
 

@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import noise_images, run_here, write_cifar_pickles, write_mnist
+from conftest import run_here, write_cifar_pickles, write_mnist
 from datasets import experiment_data
 from shortcuts import evaluation_sets, marker_tiles, palette, plant, shape_patterns, stamp, training_markers
 
@@ -152,39 +153,59 @@ def test_plant_keeps_the_unmarked_images(cifar_dir):
     assert torch.equal(planted.images, plant(train, CONFIG, 5).images)  # reproducible for a seed
 
 
-@pytest.fixture(scope="module")
-def noise_cifar(tmp_path_factory):
-    """Pure-noise images: a planted marker is the only signal there is."""
-    return write_cifar_pickles(
-        str(tmp_path_factory.mktemp("noise")), n_train=600, n_test=200, make_images=noise_images
-    )
+def grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Images with no class information at all; mid-grey noise, so that every marker colour stands out."""
+    return rng.integers(64, 192, size=(len(labels), 3, size, size), dtype=np.uint8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, size", [("square", 8), ("moving_square", 6), ("shape", 6)])
-def test_the_default_masktune_stops_following_a_planted_marker(noise_cifar, tmp_path, kind, size):
-    """ERM follows the marker (its class's marker on every training image); MaskTune with the default
-    saliency, fill and learning rate (a shortened fine-tune) stops following it. A control run with the
-    masks moved to random places does not: the masks are what removes it."""
+@pytest.mark.parametrize(
+    "kind, size, classes, n_train",
+    [("square", 8, 10, 400), ("moving_square", 6, 2, 200), ("shape", 6, 2, 200)],
+)
+def test_the_default_masktune_stops_following_a_planted_marker(tmp_path, kind, size, classes, n_train):
+    """On noise images a class's marker (on every training image) is the only signal. ERM follows it;
+    MaskTune with the default saliency, fill and learning rate (a shortened fine-tune) stops following
+    it. A control run with the masks moved to random places does not: the masks are what removes it."""
+    data = write_cifar_pickles(str(tmp_path / "data"), n_train, make_images=grey_noise, classes=classes)
     args = [
-        f"--data_dir={noise_cifar}",
+        f"--data_dir={data}",
         f"--checkpoint_dir={tmp_path}",
         f"--out_dir={tmp_path}",
-        "--num_epochs=4",
-        "--batch_size=32",
+        "--num_epochs=3",
+        "--batch_size=16",
         "--val_fraction=0.1",
         f"--shortcut={kind}",
         "--shortcut_ratio=1.0",
         f"--shortcut_size={size}",
         "--augment=False",
         "--eval_batch_size=200",
-        "--finetune_min_steps=60",
+        "--finetune_min_steps=30",
     ]
     run_here("vgg.py", *args)
     run_here("evaluate_vgg.py", *args)
     models = json.load(open(tmp_path / "metrics.json"))["models"]
     erm, masktune, control = models["ERM"], models["MaskTune"], models["random-mask control"]
     assert erm["aligned_accuracy"] > 0.9 and erm["conflicting_accuracy"] < 0.1  # ERM follows the marker
-    assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.5  # MaskTune does not
-    assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.02
+    assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.3  # MaskTune does not
+    assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.05
     assert control["aligned_accuracy"] > masktune["aligned_accuracy"] + 0.2
+
+
+@pytest.mark.slow
+def test_the_mnist_recipe_end_to_end(tmp_path):
+    root = write_mnist(str(tmp_path / "data"), n_train=200, n_test=60)
+    args = [
+        "config/mnist_paper.py",
+        f"--data_dir={root}",
+        f"--checkpoint_dir={tmp_path}",
+        f"--out_dir={tmp_path}",
+        "--num_epochs=2",
+        "--finetune_min_steps=0",
+        "--controls=False",
+    ]
+    run_here("vgg.py", *args)
+    run_here("evaluate_vgg.py", *args)
+    tuned = json.load(open(tmp_path / "metrics.json"))["models"]["MaskTune"]
+    assert set(tuned["groups"]["per_group"]) == {"0-4, none", "5-9, none", "0-4, marker", "5-9, marker"}
+    assert 0 <= tuned["worst_group_accuracy"] <= tuned["conflicting_accuracy"] <= 1
