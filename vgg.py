@@ -10,7 +10,7 @@ Figures (why.png: what was masked and where the models look; training_curves.png
 
     python vgg.py                                  # CIFAR-10, downloaded into data/
     python vgg.py config/cifar_square.py --seed=1  # a recipe file, then overrides of any variable below
-    python vgg.py config/mnist_paper.py config/paper_protocol.py   # MaskTune as published on biased MNIST
+    python vgg.py config/cifar_square.py config/paper_protocol.py  # MaskTune as published, planted square
     python vgg.py --data_dir=/path/to/images       # train/<class>/*, test/<class>/* (val/<class>/* optional)
     python vgg.py --dry_run=True                   # a few hundred images, to check the set-up in seconds
     torchrun --nproc_per_node=2 vgg.py             # several GPUs or processes (DDP)

@@ -261,6 +261,7 @@ def test_feature_masking_on_the_torchvision_celeba_layout(tmp_path):
         *TINY,
         "--masking=feature",
         "--target_attributes=Blond_Hair",
+        "--controls=False",
     ]
     run_here("resnet50.py", *args)
     state = load_checkpoint(str(tmp_path / "ckpt" / "resnet50_finetuned.pt"), "AttentionMaskingResNet50", 1)
