@@ -4,7 +4,7 @@ On the current device, with synthetic data of CIFAR-10 size, in images/s:
   (a) ERM training steps: this repo's path (uint8 tensor on the device, batched flips/crops, randperm)
       vs the pure model compute (forward + backward + step on a ready float batch) vs a torchvision
       Dataset + DataLoader + PIL transforms loop, same model and batch size;
-  (b) masking: this repo's attention and XGradCAM masks (batched, thresholds on the device) vs
+  (b) masking: this repo's gradient, attention and XGradCAM masks (batched, thresholds on the device) vs
       pytorch-grad-cam's XGradCAM followed by a per-image numpy mean + 2 std threshold;
   (c) fine-tuning (training on the masked tensor) and (d) evaluation;
   and the same for ResNet50 at `resnet_image_size`.
@@ -168,7 +168,7 @@ baseline = (
 )
 record("(a) VGG ERM training, this repo", ours, baseline, "DataLoader+PIL")
 print(f"{'':<44}{100 * ours / floor:>11.0f}% of the pure model compute")
-for strategy in ("attention", "xgradcam"):
+for strategy in ("gradient", "attention", "xgradcam"):
     mask_rate = images_per_second(
         lambda s=strategy: compute_masks(model, images_d, s, batch_size=eval_batch_size, amp=amp), num_images
     )

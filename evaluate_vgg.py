@@ -63,8 +63,9 @@ masks = compute_masks(
     test_set.images,
     run["masking"],
     batch_size=eval_batch_size,
-    attention_quantile=run["attention_quantile"],
+    quantile=run["mask_quantile"],
     num_std=run["mask_std"],
+    smoothing=run["gradient_smoothing"],
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))
 results = {}

@@ -1,14 +1,19 @@
 """Saliency maps, per-image thresholds and masks, all as batched tensor code.
 
 Strategies (``masking``):
+  gradient   |gradient x input| of the predicted class's logit per pixel and colour channel (the input
+             measured from the model's normalisation mean, its zero input), summed over the channels and
+             box-filtered over ``smoothing`` of the image side; pixels above the per-image ``quantile``
+             masked. It measures what the prediction depends on, so it finds a small marker that the model
+             follows even where the true object draws more activation.
   attention  the report's: channel mean of the model's attention map (its last conv block), upsampled to
-             the input size, min-max normalised per image, pixels above the per-image quantile
-             ``attention_quantile`` masked (the report compared a raw-scale threshold with normalised maps).
+             the input size, min-max normalised per image, pixels above the per-image ``quantile`` masked
+             (the report compared a raw-scale threshold with normalised maps). Where the model looks.
   xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled, pixels above
              mean + 2 std of the image's positive CAM values masked.
 A mask is a bool tensor (N, H, W), True where a pixel is hidden; ``random_masks_like`` moves each mask to a
 random place (the random-mask control). ``fill_masks`` replaces the masked pixels: black as in the paper,
-or from a random other image (``shuffle``, ``swap``).
+or from a random other image (``shuffle_union``, ``shuffle``, ``swap``).
 """
 
 import torch
@@ -20,7 +25,7 @@ from data import in_order
 from device import autocast, model_device
 from distributed import gather_rows, my_range
 
-STRATEGIES = ("attention", "xgradcam")
+STRATEGIES = ("gradient", "attention", "xgradcam")
 
 
 def trunk_features(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
@@ -40,6 +45,44 @@ def attention_saliency(model: nn.Module, inputs: torch.Tensor, amp: bool = False
         return (cam - low) / (high - low).clamp_min(1e-12)
 
 
+def explained_score(logits: torch.Tensor, targets: torch.Tensor | None, multilabel: bool) -> torch.Tensor:
+    """The score a saliency map explains, summed over the batch: the target (default: predicted) class's
+    logit, or for multi-label logits the evidence for every predicted label (+logit for present, -logit for
+    absent attributes). Each logit depends only on its own image (eval mode), so one backward pass gives
+    every image's gradient."""
+    if multilabel:
+        return (logits * torch.where(logits.detach() > 0, 1.0, -1.0)).sum()
+    if targets is None:
+        targets = logits.argmax(1)
+    return logits.gather(1, targets.view(-1, 1)).sum()
+
+
+def box_filter(maps: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, H, W) maps averaged over a side x side window around each pixel (the border averages what it
+    has)."""
+    return F.avg_pool2d(maps[:, None], side, stride=1, padding=side // 2, count_include_pad=False)[:, 0]
+
+
+def gradient_saliency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    smoothing: float = 0.15,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
+    """|gradient x input| of the predicted class's logit, per colour channel (so colours do not cancel) and
+    summed: (B, H, W), >= 0, box-filtered over ``smoothing`` of the image side (an odd number of pixels).
+    The input is measured from 255 * the model's normalisation mean, so the map is gradient x input in the
+    model's own (normalised) input space."""
+    pixels = inputs.float().requires_grad_(True)
+    with torch.enable_grad(), autocast(inputs.device, amp):
+        logits = model(pixels)[0]
+        (grads,) = torch.autograd.grad(explained_score(logits.float(), None, multilabel), pixels)
+    contribution = (grads * (pixels.detach() - 255 * model.mean)).abs().sum(1)
+    side = round(smoothing * min(inputs.shape[-2:])) // 2 * 2 + 1
+    return box_filter(contribution, side)
+
+
 def xgradcam_saliency(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -48,23 +91,16 @@ def xgradcam_saliency(
     amp: bool = False,
 ) -> torch.Tensor:
     """XGradCAM (Fu et al. 2020) of ``targets`` (default: predicted class) for a batch: (B, H, W), >= 0.
-    For multi-label logits (``multilabel``) the explained score is the sum of the predicted labels' evidence.
+    For multi-label logits (``multilabel``) see ``explained_score``.
 
     w_k = sum_ij(dY/dA_k * A_k) / (sum_ij A_k + eps); CAM = ReLU(sum_k w_k A_k), bilinearly upsampled.
-    Each logit depends only on its own image (eval mode), so one backward pass gives every image's gradient;
-    it only runs through the head (in fp32): the trunk runs without autograd.
+    The backward pass only runs through the head (in fp32): the trunk runs without autograd.
     """
     feature_map = trunk_features(model, inputs, amp)
     with torch.enable_grad():
         feature_map.requires_grad_(True)
         logits = model.head(feature_map)
-        if multilabel:  # evidence for every predicted label: +logit for present, -logit for absent attributes
-            score = (logits * torch.where(logits.detach() > 0, 1.0, -1.0)).sum()
-        else:
-            if targets is None:
-                targets = logits.argmax(1)
-            score = logits.gather(1, targets.view(-1, 1)).sum()
-        (grads,) = torch.autograd.grad(score, feature_map)
+        (grads,) = torch.autograd.grad(explained_score(logits, targets, multilabel), feature_map)
     feature_map = feature_map.detach()
     weights = (grads * feature_map).sum((2, 3)) / (feature_map.sum((2, 3)) + 1e-7)
     cam = F.relu((weights[:, :, None, None] * feature_map).sum(1, keepdim=True))
@@ -89,17 +125,22 @@ def saliency_mask(
     model: nn.Module,
     inputs: torch.Tensor,
     strategy: str,
-    attention_quantile: float = 0.75,
+    *,
+    quantile: float = 0.75,
     num_std: float = 2.0,
+    smoothing: float = 0.15,
     multilabel: bool = False,
     amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heatmap, mask) for a normalised input batch; mask is True where pixels are hidden. ``amp``: the
-    trunk in bf16 where native (see ``trunk_features``)."""
+    """(heatmap, mask) for a batch of uint8 images; mask is True where pixels are hidden. ``amp``: bf16
+    where native (see ``trunk_features``)."""
     check_choice("masking", strategy, STRATEGIES)
-    if strategy == "attention":
+    if strategy == "gradient":
+        cam = gradient_saliency(model, inputs, smoothing, multilabel, amp)
+        threshold = quantile_threshold(cam, quantile)
+    elif strategy == "attention":
         cam = attention_saliency(model, inputs, amp)
-        threshold = quantile_threshold(cam, attention_quantile)
+        threshold = quantile_threshold(cam, quantile)
     else:
         cam = xgradcam_saliency(model, inputs, multilabel=multilabel, amp=amp)
         threshold = mean_std_threshold(cam, num_std)
@@ -112,14 +153,12 @@ def compute_masks(
     strategy: str,
     *,
     batch_size: int,
-    attention_quantile: float = 0.75,
-    num_std: float = 2.0,
-    multilabel: bool = False,
-    amp: bool = False,
     desc: str = "masking",
+    **settings,
 ) -> torch.Tensor:
-    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device.
-    Under torchrun each process masks a contiguous share and every process gets all the masks."""
+    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device;
+    ``settings`` as for ``saliency_mask``. Under torchrun each process masks a contiguous share and every
+    process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
     device = model_device(model)
@@ -128,7 +167,7 @@ def compute_masks(
     try:
         for index in progress(in_order(len(mine), batch_size), desc=desc):
             inputs = images[(index + mine.start).to(images.device)].to(device, non_blocking=True)
-            _, mask = saliency_mask(model, inputs, strategy, attention_quantile, num_std, multilabel, amp)
+            _, mask = saliency_mask(model, inputs, strategy, **settings)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)
@@ -170,7 +209,7 @@ def _centroids(masks: torch.Tensor) -> torch.Tensor:
     return (weights[:, None] * coords).sum((2, 3)) / weights.sum((1, 2)).clamp_min(1)[:, None]
 
 
-FILLS = ("black", "shuffle", "swap")
+FILLS = ("shuffle_union", "shuffle", "swap", "black")
 
 
 def fill_masks(
@@ -178,12 +217,15 @@ def fill_masks(
 ) -> torch.Tensor:
     """uint8 images with their masked pixels replaced; a new tensor.
 
-    black    zeros (the paper)
-    shuffle  the same pixels of a random other image of the set: what the model relied on there is still
-             shown, but now at random with respect to the label, so fine-tuning unlearns it instead of
-             merely not seeing it
-    swap     the masked region of a random other image, moved onto this one's (their mask centroids
-             aligned): a marker that moves from image to image lands where this image's marker was
+    shuffle_union  the pixels of a random other image, over this image's mask and over that image's: what
+                   the model relied on in either image is shown at random with respect to the label, even
+                   where a feature's absence was not salient (a marker carried by one class only is
+                   salient on that class's images alone; filling only this image's mask would bring the
+                   marker to that class's images and leave the other class without it)
+    shuffle        the pixels of a random other image, over this image's mask
+    swap           the masked region of a random other image, moved onto this one's (their mask centroids
+                   aligned): a marker that moves from image to image lands where this image's marker was
+    black          zeros (the paper)
     """
     check_choice("mask_fill", fill, FILLS)
     masks = masks.to(images.device)
@@ -191,7 +233,9 @@ def fill_masks(
         return torch.where(masks[:, None], torch.zeros((), dtype=images.dtype, device=images.device), images)
     partner = torch.randperm(len(images), generator=generator).to(images.device)
     source = images[partner]
-    if fill == "swap":
+    if fill == "shuffle_union":
+        masks = masks | masks[partner]
+    elif fill == "swap":
         offset = (_centroids(masks) - _centroids(masks[partner])).round().long()
         source = _shift(source, offset[:, 0], offset[:, 1])
     return torch.where(masks[:, None], source, images)

@@ -82,10 +82,13 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the models: compilation takes a while, pays off on long runs
 # MaskTune
-masking = "attention"  # "attention" or "xgradcam" (input masks), or "feature" (the report's feature mask)
-attention_quantile = 0.75  # attention: mask pixels above this per-image quantile of the map
+masking = "gradient"  # "gradient", "attention" or "xgradcam" (input masks, see masking.py), or "feature"
+# (the report's learned feature mask)
+mask_quantile = 0.95  # gradient, attention: mask pixels above this per-image quantile of the map
+gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
-mask_fill = "shuffle"  # "shuffle" or "swap": pixels of a random other image; "black" (the paper)
+mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a random other image (see
+# masking.py); "black" (the paper)
 finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
 finetune_epochs = 1  # MaskTune fine-tunes for one epoch
 finetune_learning_rate = 1e-3  # the ERM's rate, as in the paper's code (the report used 1e-4)
@@ -178,8 +181,9 @@ else:
         train_images,
         masking,
         batch_size=eval_batch_size,
-        attention_quantile=attention_quantile,
+        quantile=mask_quantile,
         num_std=mask_std,
+        smoothing=gradient_smoothing,
         multilabel=multilabel,
         amp=amp,
     )

@@ -70,10 +70,13 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the model: compilation takes a while, pays off on long GPU runs
 # MaskTune: masks computed once, with the frozen best ERM model
-masking = "attention"  # saliency: "attention" (the model's attention map) or "xgradcam" (the paper's)
-attention_quantile = 0.75  # attention: mask pixels above this per-image quantile of the map
+masking = "gradient"  # saliency: "gradient" (gradient x input), "attention" (the model's attention
+# map) or "xgradcam" (the paper's); see masking.py
+mask_quantile = 0.95  # gradient, attention: mask pixels above this per-image quantile of the map
+gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
-mask_fill = "shuffle"  # "shuffle" or "swap": pixels of a random other image; "black" (the paper)
+mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a random other image (see
+# masking.py); "black" (the paper)
 finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
 finetune_epochs = 1  # MaskTune fine-tunes for a single epoch (0: train the ERM model only)
 finetune_learning_rate = 0.01  # fine-tuning learning rate (half the ERM peak: 0.02 wrecks CIFAR-10)
@@ -93,7 +96,8 @@ check(
 )
 check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
 check_choice("masking", masking, STRATEGIES)
-check(0 < attention_quantile < 1, "attention_quantile must be between 0 and 1")
+check(0 < mask_quantile < 1, "mask_quantile must be between 0 and 1")
+check(0 <= gradient_smoothing <= 1, "gradient_smoothing must be between 0 and 1")
 check_choice("mask_fill", mask_fill, FILLS)
 check_choice("finetune_from", finetune_from, ("best", "last"))
 check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
@@ -205,15 +209,8 @@ if finetune_epochs == 0:
 # 2. masking the training set once, with the frozen best ERM model --------------------------------------
 load_weights(model, erm_best, initial_path)
 mask_start = time.time()
-masks = compute_masks(
-    model,
-    train_images,
-    masking,
-    batch_size=eval_batch_size,
-    attention_quantile=attention_quantile,
-    num_std=mask_std,
-    amp=amp,
-)
+mask_settings = dict(quantile=mask_quantile, num_std=mask_std, smoothing=gradient_smoothing, amp=amp)
+masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, **mask_settings)
 mask_seconds = time.time() - mask_start
 masked_fraction = masks.float().mean().item()
 masks_sha1 = hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()  # which masks a fine-tune saw
@@ -231,12 +228,12 @@ variants = {
     for name, m in masks_of.items()
 }
 examples = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:8]
-erm_heatmaps = saliency_mask(model, train_images[examples], masking, attention_quantile, mask_std)[0]
+erm_heatmaps = saliency_mask(model, train_images[examples], masking, **mask_settings)[0]
 # test images that break the shortcut (if any): does the fine-tuned model still look at the marker?
 shown = evaluation_sets(test_set, config, seed + 1000)["conflicting"] if shortcut else test_set
 shown_index = torch.randperm(len(shown), generator=torch.Generator().manual_seed(seed))[:8]
 shown_images = shown.images[shown_index].to(device_)
-erm_shown_heatmaps = saliency_mask(model, shown_images, masking, attention_quantile, mask_std)[0]
+erm_shown_heatmaps = saliency_mask(model, shown_images, masking, **mask_settings)[0]
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------
 start = erm_best if finetune_from == "best" else load_checkpoint(last_path, "VGGWithAttention", num_classes)
@@ -267,7 +264,7 @@ for name, images in variants.items():
     )
     results[name] = {**extra, **history[-1]}
     if name == "finetuned":  # what was masked, and where the models look before and after
-        shown_tuned_heatmaps = saliency_mask(model, shown_images, masking, attention_quantile, mask_std)[0]
+        shown_tuned_heatmaps = saliency_mask(model, shown_images, masking, **mask_settings)[0]
         mask_pictures = masks[examples, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
         save_image_grid(
             os.path.join(out_dir, "why.png"),

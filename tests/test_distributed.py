@@ -61,7 +61,8 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         train.images,
         config["masking"],
         batch_size=64,
-        attention_quantile=config["attention_quantile"],
+        quantile=config["mask_quantile"],
+        smoothing=config["gradient_smoothing"],
         amp=config["amp"],
     )
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]

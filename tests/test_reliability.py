@@ -216,8 +216,8 @@ def bad_inputs(tmp: str, cifar_dir: str) -> list:
         ),
         (
             "vgg.py",
-            [f"--data_dir={cifar_dir}", "--attention_quantile=1.2"],
-            "attention_quantile must be between",
+            [f"--data_dir={cifar_dir}", "--mask_quantile=1.2"],
+            "mask_quantile must be between",
         ),
         ("vgg.py", [f"--data_dir={cifar_dir}", "--masking=gradcam"], "unknown masking 'gradcam'"),
         ("resnet50.py", [*celeba, "--masking=gradcam"], "unknown masking 'gradcam'"),
