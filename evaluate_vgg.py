@@ -27,7 +27,7 @@ from console import check
 from datasets import experiment_data
 from device import pick_device
 from engine import predict
-from masking import compute_masks, fill_masks
+from masking import compute_masks, fill_masks, mask_settings
 from metrics import group_accuracy, per_class_accuracy
 from plots import save_grouped_bars
 from shortcuts import evaluation_sets
@@ -63,9 +63,7 @@ masks = compute_masks(
     test_set.images,
     run["masking"],
     batch_size=eval_batch_size,
-    quantile=run["mask_quantile"],
-    num_std=run["mask_std"],
-    smoothing=run["gradient_smoothing"],
+    **mask_settings(run),
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))
 results = {}

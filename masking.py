@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from console import check_choice, progress
+from console import check, check_choice, progress
 from data import in_order
 from device import autocast, model_device
 from distributed import gather_rows, my_range
@@ -119,6 +119,16 @@ def mean_std_threshold(cam: torch.Tensor, num_std: float = 2.0) -> torch.Tensor:
 def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
     """Per image: the ``quantile`` of its pixel values; (B,)."""
     return torch.quantile(cam.flatten(1), quantile, dim=1)
+
+
+def mask_settings(config: dict) -> dict:
+    """A run's masking settings (``mask_quantile``, ``mask_std``, ``gradient_smoothing`` in vgg.py and
+    resnet50.py), checked, as the keyword arguments of ``saliency_mask`` and ``compute_masks``."""
+    check(0 < config["mask_quantile"] < 1, "mask_quantile must be between 0 and 1")
+    check(0 <= config["gradient_smoothing"] <= 1, "gradient_smoothing must be between 0 and 1")
+    return dict(
+        quantile=config["mask_quantile"], num_std=config["mask_std"], smoothing=config["gradient_smoothing"]
+    )
 
 
 def saliency_mask(

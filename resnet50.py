@@ -34,7 +34,7 @@ from datasets import experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main
 from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
-from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like
+from masking import FILLS, STRATEGIES, compute_masks, fill_masks, mask_settings, random_masks_like
 from metrics import evaluate_predictions, format_evaluation, write_predictions
 from models import AttentionMaskingResNet50, ResNet50
 
@@ -105,6 +105,7 @@ check(0 <= momentum < 1 and weight_decay >= 0, "momentum must be in [0, 1), weig
 check_choice("dataset", dataset, ("auto", "celeba", "waterbirds", "folder"))
 check_choice("masking", masking, (*STRATEGIES, "feature"))
 check_choice("mask_fill", mask_fill, FILLS)
+saliency_settings = dict(mask_settings(config), amp=amp)
 check_choice("finetune_from", finetune_from, ("best", "last"))
 check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
 check(image_size >= 32, "image_size must be at least 32")
@@ -181,11 +182,8 @@ else:
         train_images,
         masking,
         batch_size=eval_batch_size,
-        quantile=mask_quantile,
-        num_std=mask_std,
-        smoothing=gradient_smoothing,
         multilabel=multilabel,
-        amp=amp,
+        **saliency_settings,
     )
     print(
         f"masking ({masking}, {mask_fill} fill): {100 * masks.float().mean():.2f}% of training pixels masked"

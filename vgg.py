@@ -31,7 +31,15 @@ from datasets import DATASETS, experiment_data
 from device import pick_device, prepare_model, seed_everything
 from distributed import init_distributed, is_main, world_size
 from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
-from masking import FILLS, STRATEGIES, compute_masks, fill_masks, random_masks_like, saliency_mask
+from masking import (
+    FILLS,
+    STRATEGIES,
+    compute_masks,
+    fill_masks,
+    mask_settings,
+    random_masks_like,
+    saliency_mask,
+)
 from models import VGGWithAttention
 from plots import save_image_grid, save_training_curves
 from shortcuts import evaluation_sets
@@ -96,8 +104,7 @@ check(
 )
 check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
 check_choice("masking", masking, STRATEGIES)
-check(0 < mask_quantile < 1, "mask_quantile must be between 0 and 1")
-check(0 <= gradient_smoothing <= 1, "gradient_smoothing must be between 0 and 1")
+saliency_settings = dict(mask_settings(config), amp=amp)
 check_choice("mask_fill", mask_fill, FILLS)
 check_choice("finetune_from", finetune_from, ("best", "last"))
 check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
@@ -209,8 +216,7 @@ if finetune_epochs == 0:
 # 2. masking the training set once, with the frozen best ERM model --------------------------------------
 load_weights(model, erm_best, initial_path)
 mask_start = time.time()
-mask_settings = dict(quantile=mask_quantile, num_std=mask_std, smoothing=gradient_smoothing, amp=amp)
-masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, **mask_settings)
+masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, **saliency_settings)
 mask_seconds = time.time() - mask_start
 masked_fraction = masks.float().mean().item()
 masks_sha1 = hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()  # which masks a fine-tune saw
@@ -228,12 +234,12 @@ variants = {
     for name, m in masks_of.items()
 }
 examples = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:8]
-erm_heatmaps = saliency_mask(model, train_images[examples], masking, **mask_settings)[0]
+erm_heatmaps = saliency_mask(model, train_images[examples], masking, **saliency_settings)[0]
 # test images that break the shortcut (if any): does the fine-tuned model still look at the marker?
 shown = evaluation_sets(test_set, config, seed + 1000)["conflicting"] if shortcut else test_set
 shown_index = torch.randperm(len(shown), generator=torch.Generator().manual_seed(seed))[:8]
 shown_images = shown.images[shown_index].to(device_)
-erm_shown_heatmaps = saliency_mask(model, shown_images, masking, **mask_settings)[0]
+erm_shown_heatmaps = saliency_mask(model, shown_images, masking, **saliency_settings)[0]
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------
 start = erm_best if finetune_from == "best" else load_checkpoint(last_path, "VGGWithAttention", num_classes)
@@ -264,7 +270,7 @@ for name, images in variants.items():
     )
     results[name] = {**extra, **history[-1]}
     if name == "finetuned":  # what was masked, and where the models look before and after
-        shown_tuned_heatmaps = saliency_mask(model, shown_images, masking, **mask_settings)[0]
+        shown_tuned_heatmaps = saliency_mask(model, shown_images, masking, **saliency_settings)[0]
         mask_pictures = masks[examples, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
         save_image_grid(
             os.path.join(out_dir, "why.png"),

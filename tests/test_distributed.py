@@ -13,7 +13,7 @@ from checkpoint import load_checkpoint, load_weights
 from conftest import ROOT
 from datasets import experiment_data
 from device import prepare_model
-from masking import compute_masks
+from masking import compute_masks, mask_settings
 from models import VGGWithAttention
 
 pytestmark = pytest.mark.slow
@@ -61,8 +61,7 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         train.images,
         config["masking"],
         batch_size=64,
-        quantile=config["mask_quantile"],
-        smoothing=config["gradient_smoothing"],
+        **mask_settings(config),
         amp=config["amp"],
     )
     assert hashlib.sha1(masks.numpy().tobytes()).hexdigest() == summary["masks_sha1"]
