@@ -56,7 +56,15 @@ def interrupt_and_resume(script: str, args: list, prefix: str, folder, reference
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        # a job started in the background by a shell inherits SIGINT ignored, and Python then never turns
+        # it into KeyboardInterrupt: give the run the default, as a terminal's Ctrl-C finds it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not os.path.exists(folder / f"{prefix}_last.pt") and time.time() < deadline:
