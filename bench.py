@@ -45,7 +45,7 @@ seed = 0  # synthetic data and initialisation
 
 config = configure(globals())
 if quick:
-    num_images, resnet_images, batch_size, eval_batch_size, resnet_image_size = 256, 16, 64, 128, 32
+    num_images, resnet_images, batch_size, eval_batch_size, resnet_image_size = 128, 8, 64, 128, 32
 device_ = pick_device(device)
 generator = seed_everything(seed)
 cpu = torch.device("cpu")
