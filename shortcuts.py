@@ -126,6 +126,15 @@ def plant(images: ImageSet, config: dict, seed: int) -> ImageSet:
     )
 
 
+def marker_coverage(masks: torch.Tensor, images: ImageSet) -> dict:
+    """How much of the planted marker ``masks`` (N, H, W) hide on the images of a planted set that carry one:
+    the mean share of the marker's pixels masked, and the share of images with at least half of it masked."""
+    marker = (images.images != images.unmarked).any(1).to(masks.device)  # the pixels the stamp changed
+    carries = marker.flatten(1).any(1)
+    hidden = (masks.bool() & marker).flatten(1).sum(1)[carries] / marker.flatten(1).sum(1)[carries]
+    return {"mean": hidden.mean().item(), "at_least_half": (hidden >= 0.5).float().mean().item()}
+
+
 def evaluation_sets(images: ImageSet, config: dict, seed: int) -> dict[str, ImageSet]:
     """clean, aligned and conflicting versions of a set of unmarked images (see the module docstring)."""
     num_classes, labels = len(images.classes), images.labels

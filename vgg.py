@@ -42,7 +42,7 @@ from masking import (
 )
 from models import VGGWithAttention
 from plots import save_image_grid, save_training_curves
-from shortcuts import evaluation_sets
+from shortcuts import evaluation_sets, marker_coverage
 
 # data and output
 data_dir = "data"  # CIFAR-10 (downloaded here if missing), MNIST/raw/, an image folder tree, Waterbirds
@@ -224,6 +224,13 @@ print(
     f"masking ({masking}, {mask_fill} fill): {100 * masked_fraction:.2f}% of training pixels masked on "
     f"average, {mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)"
 )
+# with a planted shortcut: do the masks find it? (a researcher's own data has no ground truth for this)
+coverage = marker_coverage(masks, train_set) if shortcut else None
+if coverage:
+    print(
+        f"masks hide {100 * coverage['mean']:.1f}% of the planted marker on average, at least half of it on "
+        f"{100 * coverage['at_least_half']:.1f}% of the marked training images"
+    )
 masks_of = {"finetuned": masks}
 if controls:  # the same fine-tune without masks, and with each mask moved to a random place
     masks_of["nomask"] = torch.zeros_like(masks)
@@ -298,6 +305,7 @@ if is_main():
             {
                 "config": config,
                 "masked_fraction": masked_fraction,
+                "marker_coverage": coverage,
                 "masks_sha1": masks_sha1,
                 "mask_seconds": mask_seconds,
                 "processes": world_size(),

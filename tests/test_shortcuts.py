@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from conftest import run_here, write_cifar_pickles, write_mnist
+from data import ImageSet
 from datasets import experiment_data
-from shortcuts import evaluation_sets, marker_tiles, palette, plant, shape_patterns, stamp, training_markers
+from shortcuts import (
+    evaluation_sets,
+    marker_coverage,
+    marker_tiles,
+    palette,
+    plant,
+    shape_patterns,
+    stamp,
+    training_markers,
+)
 
 CONFIG = {
     "shortcut": "square",
@@ -97,6 +107,20 @@ def test_a_large_square_is_the_same_kind_at_another_size():
     images = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     out = stamp(images, torch.tensor([1]), dict(CONFIG, shortcut_size=12), torch.Generator())
     assert marked_region(images, out)[0, :12, :12].all() and marked_region(images, out).sum() == 144
+
+
+def test_marker_coverage_by_hand():
+    """Three images: a 4x4 square fully masked, a quarter masked, and no marker (left out of both numbers)."""
+    unmarked = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    images = unmarked.clone()
+    images[:2, 0, :4, :4] = 200
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = True
+    masks[1, :2, :2] = True
+    masks[1, 6:, 6:] = True  # off the marker: not counted
+    masks[2] = True
+    planted = ImageSet(images, torch.zeros(3, dtype=torch.long), ["a"], unmarked=unmarked)
+    assert marker_coverage(masks, planted) == {"mean": pytest.approx((1 + 0.25) / 2), "at_least_half": 0.5}
 
 
 def test_evaluation_sets_from_unmarked_images(cifar_dir):
@@ -200,6 +224,8 @@ def test_the_default_masktune_stops_following_a_planted_marker(
     assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.3  # MaskTune does not
     assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.05
     assert control["aligned_accuracy"] > masktune["aligned_accuracy"] + 0.2
+    hidden = json.load(open(tmp_path / "summary.json"))["marker_coverage"]
+    assert hidden["mean"] > 0.5  # the masks fall on the marker
 
 
 @pytest.mark.slow
