@@ -37,6 +37,7 @@ num_images = 4096  # synthetic images per measurement
 resnet = True  # also measure ResNet50
 resnet_image_size = 64  # ResNet50 input size (224 is the CelebA default; smaller fits a CPU)
 resnet_images = 256  # synthetic images for ResNet50 measurements
+resnet_batch_size = 32  # ResNet50 training batch size (resnet50.py's default)
 reference = True  # also time the reference implementations
 amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), as in the scripts
 channels_last = True  # NHWC convolutions (CUDA and CPU), as in the scripts
@@ -46,6 +47,7 @@ seed = 0  # synthetic data and initialisation
 config = configure(globals())
 if quick:
     num_images, resnet_images, batch_size, eval_batch_size, resnet_image_size = 128, 8, 64, 128, 32
+    resnet_batch_size = 8
 device_ = pick_device(device)
 generator = seed_everything(seed)
 cpu = torch.device("cpu")
@@ -201,7 +203,7 @@ if resnet:
     r_labels = torch.randint(0, 2, (resnet_images, 10), generator=generator).float().to(device_)
     r_model = prepare_model(ResNet50(10), device_, **speed)
     r_optimizer = torch.optim.SGD(r_model.parameters(), lr=0.001, momentum=0.9)
-    r_batch = min(batch_size, 32)
+    r_batch = resnet_batch_size
     record(
         "(a) ResNet50 training",
         images_per_second(

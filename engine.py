@@ -150,9 +150,10 @@ def train(
 
     After every epoch the full state (weights, optimizer, data-order generator, history, ``extra``) goes to
     ``path``, atomically: Ctrl-C or a crash keeps the last finished epoch, and ``resume`` continues from it
-    bit for bit (a finished stage is not trained again). With ``best_path``, the epoch with the best
-    validation accuracy also goes there; on ties the later epoch wins (on biased data validation accuracy
-    saturates early, and the earliest epoch at the ceiling is a poor model to start from).
+    (bit for bit on a CPU; on CUDA up to cuDNN's non-deterministic kernels); a finished stage is not trained
+    again. With ``best_path``, the epoch with the best validation accuracy also goes there; on ties the later
+    epoch wins (on biased data validation accuracy saturates early, and the earliest epoch at the ceiling is a
+    poor model to start from).
     """
     history, best, first = [], -1.0, 0
     state = resumable(path, config) if resume else None
