@@ -112,3 +112,16 @@ def test_models_normalise_their_own_inputs_and_keep_the_state_dict_names():
     resnet = ResNet50(3)
     assert torch.allclose(resnet.normalize(images)[:, 0], (images[:, 0].float() / 255 - 0.485) / 0.229)
     assert "mean" not in resnet.state_dict() and "backbone.7.2.bn3.running_var" in resnet.state_dict()
+
+
+def test_fine_tuning_schedules_by_hand():
+    """constant stays at the rate; linear (the default) falls from it to 0 over the fine-tune; one_cycle
+    warms up over the first quarter, then falls to 0."""
+    constant, linear = engine.finetune_lr(0.01, 2, "constant"), engine.finetune_lr(0.01, 2, "linear")
+    one_cycle = engine.finetune_lr(0.01, 4, "one_cycle")
+    assert constant(0.0) == constant(1.9) == 0.01
+    assert linear(0.0) == pytest.approx(0.01) and linear(1.0) == pytest.approx(0.005)
+    assert linear(1.99) == pytest.approx(0.01 * 0.01 / 2)
+    assert one_cycle(0.5) == pytest.approx(0.01 * 0.501) and one_cycle(1.0) == pytest.approx(0.01)
+    assert one_cycle(2.5) == pytest.approx(0.01 * 1.5 / 3)
+    assert engine.finetune_length(3600, 128, 1, 500) == 18 and engine.finetune_length(45000, 128, 1, 500) == 2
