@@ -267,7 +267,7 @@ def test_bad_input_matrix(row, matrix, reference_run, tmp_path):
     assert not os.path.exists("/tmp/masktune-pwned")
 
 
-@pytest.mark.parametrize("row", [0, 5, 12, 29])
+@pytest.mark.parametrize("row", [5, 12])  # a data error of vgg.py and one of resnet50.py
 def test_user_errors_print_one_line_and_exit_1(row, matrix, reference_run, tmp_path):
     script, args, message = matrix[row]
     if not any(a.startswith("--checkpoint_dir") for a in args):

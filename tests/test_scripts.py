@@ -176,18 +176,11 @@ def test_reusing_an_erm_run_and_refusing_one_on_other_data(vgg_run, tmp_path):
         )
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--batch_sise=4"], "unknown hyperparameter 'batch_sise'"),
-        (["--masking=gradcam"], "unknown masking 'gradcam'"),
-        (["config/no_such_recipe.py"], "cannot read recipe file 'config/no_such_recipe.py'"),
-    ],
-)
-def test_bad_input_is_one_clear_line(args, message, tmp_path):
-    result = run_script("vgg.py", f"--checkpoint_dir={tmp_path}", *args, check=False)
+def test_a_mistyped_flag_is_one_clear_line(tmp_path):
+    """As a user sees it, in a new process (test_config.py and the bad-input matrix check the messages)."""
+    result = run_script("vgg.py", f"--checkpoint_dir={tmp_path}", "--batch_sise=4", check=False)
     assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "unknown hyperparameter 'batch_sise'" in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0
 
 
