@@ -80,7 +80,7 @@ compile_model = False  # torch.compile the model: compilation takes a while, pay
 # MaskTune: masks computed once, with the frozen best ERM model
 masking = "gradient"  # saliency: "gradient" (gradient x input), "attention" (the model's attention
 # map) or "xgradcam" (the paper's); see masking.py
-mask_quantile = 0.95  # gradient, attention: mask pixels above this per-image quantile of the map
+mask_quantile = 0.97  # gradient, attention: mask pixels above this per-image quantile of the map (3%)
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
 mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a random other image (see

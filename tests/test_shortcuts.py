@@ -224,8 +224,9 @@ def test_the_default_masktune_stops_following_a_planted_marker(
     assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.3  # MaskTune does not
     assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.05
     assert control["aligned_accuracy"] > masktune["aligned_accuracy"] + 0.2
-    hidden = json.load(open(tmp_path / "summary.json"))["marker_coverage"]
-    assert hidden["mean"] > 0.5  # the masks fall on the marker
+    summary = json.load(open(tmp_path / "summary.json"))
+    # the masks fall on the marker: they hide far more of it than of the image
+    assert summary["marker_coverage"]["mean"] > 5 * summary["masked_fraction"]
 
 
 @pytest.mark.slow
