@@ -13,6 +13,7 @@ a checkpoint's config.
 
 import csv
 import os
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +22,7 @@ from cifar10 import CIFAR10_ARCHIVE, CIFAR10_FOLDER, load_cifar10
 from console import UserError, check, check_choice
 from data import FileList, ImageSet, list_image_files, split_validation
 from mnist import load_mnist
-from shortcuts import plant
+from shortcuts import base_images, plant
 from waterbirds import list_waterbirds
 
 DATASETS = ("auto", "cifar10", "mnist", "folder", "waterbirds", "celeba")
@@ -98,6 +99,7 @@ def experiment_data(config: dict, fallback: str = "cifar10") -> tuple[ImageSet, 
     if val is None:
         train, val = split_validation(train, config["val_fraction"], config["seed"])
     if config.get("shortcut"):  # planted in training and validation images alike
+        train, val, test = (replace(s, images=base_images(s.images, config)) for s in (train, val, test))
         train = plant(train, config, config["seed"] + 999)
         val = plant(val, config, config["seed"] + 998)
     return train, val, test

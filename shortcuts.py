@@ -1,12 +1,18 @@
-"""Planted shortcuts: a marker tied to the class on most training images, to measure whether a model follows
+"""Planted shortcuts: a feature tied to the class on most training images, to measure whether a model follows
 it and whether MaskTune removes it.
 
-Kinds of marker (``shortcut``), each ``shortcut_size`` pixels on a side (a 12-pixel one is a shortcut of a
-very different size from the 4-pixel default):
+Kinds (``shortcut``); ``shortcut_size`` is the marker's side, the frame's width or the object's side:
   square         a solid square in a fixed corner (``shortcut_position``), coloured by class
   moving_square  the same square at a random place in every image
   shape          a pattern of white pixels on a black tile in a fixed corner, one pattern per class: the
                  class is carried by shape, not colour
+  frame          a border ``shortcut_size`` pixels wide of a black-and-white texture, one per class: large
+                 and thin, spread over the whole edge
+  scene          Waterbirds-like: every image shrunk to ``shortcut_size`` pixels and shown in the centre of a
+                 scene: the surroundings of another real photo of the marker's class, at half resolution
+                 (``base_images`` shrinks the objects; the clean images show them on plain grey)
+  colour_cast    the whole image tinted towards the class's colour (``CAST_STRENGTH``): not local, so no mask
+                 can remove it
 Which images carry which marker (``shortcut_classes``):
   all    every image carries a marker: its own class's on ``shortcut_ratio`` of each class's images,
          another class's on the rest (the CIFAR-10 benchmarks)
@@ -21,12 +27,16 @@ import colorsys
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from console import check, check_choice
 from data import ImageSet
 
-KINDS = ("square", "moving_square", "shape")
+KINDS = ("square", "moving_square", "shape", "frame", "scene", "colour_cast")
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
+TEXTURE_TILE = 4  # side of the tile a frame's texture repeats
+CAST_STRENGTH = 0.25  # colour_cast: each pixel moves this far towards the class's colour
+SCENE_GREY = 128  # scene: the background of the clean images
 
 
 def palette(num_classes: int) -> torch.Tensor:
@@ -52,33 +62,112 @@ def shape_patterns(num_classes: int, size: int) -> torch.Tensor:
 
 
 def marker_tiles(kind: str, num_markers: int, size: int) -> torch.Tensor:
-    """The pixels of each marker: uint8 (M, 3, size, size)."""
-    check_choice("shortcut", kind, KINDS)
+    """The pixels of each local marker (square, moving_square, shape): uint8 (M, 3, size, size)."""
+    check_choice("shortcut", kind, KINDS[:3])
     if kind == "shape":
         return (shape_patterns(num_markers, size).to(torch.uint8) * 255)[:, None].expand(-1, 3, -1, -1)
     return palette(num_markers)[:, :, None, None].expand(-1, -1, size, size)
 
 
-def stamp(
-    images: torch.Tensor, marker: torch.Tensor, config: dict, generator: torch.Generator
+def frame_region(height: int, width: int, size: int) -> torch.Tensor:
+    """bool (H, W): the pixels within ``size`` of the image's edge."""
+    rows, cols = torch.arange(height), torch.arange(width)
+    inside_rows = (rows >= size) & (rows < height - size)
+    inside_cols = (cols >= size) & (cols < width - size)
+    return ~(inside_rows[:, None] & inside_cols[None, :])
+
+
+def frame_textures(num_markers: int, height: int, width: int) -> torch.Tensor:
+    """Each class's texture over a whole image: a tile of ``shape_patterns`` repeated, white on black, uint8
+    (M, 3, H, W)."""
+    tiles = shape_patterns(num_markers, TEXTURE_TILE).to(torch.uint8) * 255
+    reps = (-(-height // TEXTURE_TILE), -(-width // TEXTURE_TILE))
+    return tiles.repeat(1, *reps)[:, None, :height, :width].expand(-1, 3, -1, -1)
+
+
+def object_box(height: int, width: int, size: int) -> tuple[slice, slice]:
+    """scene: where the shrunk object sits (the centre)."""
+    top, left = (height - size) // 2, (width - size) // 2
+    return slice(top, top + size), slice(left, left + size)
+
+
+def base_images(images: torch.Tensor, config: dict) -> torch.Tensor:
+    """The images a kind stamps on: for ``scene`` each image shrunk to ``shortcut_size`` (antialiased) in the
+    centre of a grey one; for every other kind the images themselves."""
+    if config["shortcut"] != "scene":
+        return images
+    n, channels, height, width = images.shape
+    size = config["shortcut_size"]
+    check(
+        0 < size < min(height, width), f"a scene needs shortcut_size between 1 and {min(height, width) - 1}"
+    )
+    small = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    out = torch.full_like(images, SCENE_GREY)
+    out[(slice(None), slice(None), *object_box(height, width, size))] = small.round().clamp(0, 255).byte()
+    return out
+
+
+def scene_backgrounds(
+    images: torch.Tensor, labels: torch.Tensor, marker: torch.Tensor, size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """A copy of the (CPU) ``images`` with marker ``marker[i]`` on image i (none where -1), placed as the kind
-    says; ``generator`` draws the places of a moving marker."""
+    """For each image with a marker t, the object of a random other image of class t (of ``images``, already
+    shrunk by ``base_images``) enlarged to the whole image: that photo's surroundings at half resolution."""
+    height, width = images.shape[-2:]
+    source = torch.zeros(len(images), dtype=torch.long)
+    for t in marker.unique().tolist():
+        wanted = (marker == t).nonzero().flatten()
+        pool = (labels == t).nonzero().flatten()
+        check(t < 0 or len(pool) > 0, f"a scene of class {t} needs images of that class in the set")
+        if t >= 0:
+            source[wanted] = pool[torch.randint(len(pool), (len(wanted),), generator=generator)]
+    objects = images[(source, slice(None), *object_box(height, width, size))].float()
+    return F.interpolate(objects, size=(height, width), mode="bilinear").round().clamp(0, 255).byte()
+
+
+def stamp(
+    images: torch.Tensor,
+    marker: torch.Tensor,
+    config: dict,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A copy of the (CPU) ``images`` (of ``base_images``) with marker ``marker[i]`` on image i (none where
+    -1), placed as the kind says; ``generator`` draws the places of a moving marker and the photos a scene
+    comes from (the images whose ``labels`` equal the marker)."""
     kind, size, position = config["shortcut"], config["shortcut_size"], config["shortcut_position"]
+    check_choice("shortcut", kind, KINDS)
     check_choice("shortcut_position", position, POSITIONS)
     n, _, height, width = images.shape
     check(0 < size <= min(height, width), f"shortcut_size must be between 1 and {min(height, width)}")
+    on = (marker >= 0).nonzero().flatten()
+    out = images.clone()
+    num_markers = max(int(marker.max()) + 1, 1)
+    if kind in ("frame", "scene", "colour_cast"):  # whole-image kinds: composed over every marked image
+        if kind == "frame":
+            check(2 * size < min(height, width), "a frame needs 2 * shortcut_size below the image side")
+            where = frame_region(height, width, size)
+            marked = torch.where(where, frame_textures(num_markers, height, width)[marker[on]], images[on])
+        elif kind == "scene":
+            check(labels is not None, "a scene is made from images of the marker's class: pass labels")
+            backgrounds = scene_backgrounds(images, labels, marker, size, generator)[on]
+            inside = torch.zeros(height, width, dtype=torch.bool)
+            inside[object_box(height, width, size)] = True
+            marked = torch.where(inside, images[on], backgrounds)
+        else:
+            colour = palette(num_markers)[marker[on]].float()[:, :, None, None]
+            blend = (1 - CAST_STRENGTH) * images[on].float() + CAST_STRENGTH * colour
+            marked = blend.round().clamp(0, 255).byte()
+        out[on] = marked
+        return out
     if kind == "moving_square":
         top = torch.randint(0, height - size + 1, (n,), generator=generator)
         left = torch.randint(0, width - size + 1, (n,), generator=generator)
     else:
         top = torch.full((n,), 0 if position.startswith("top") else height - size)
         left = torch.full((n,), 0 if position.endswith("left") else width - size)
-    tiles = marker_tiles(kind, max(int(marker.max()) + 1, 1), size)
-    on = (marker >= 0).nonzero().flatten()
+    tiles = marker_tiles(kind, num_markers, size)
     rows = top[on, None] + torch.arange(size)  # (K, size)
     cols = left[on, None] + torch.arange(size)  # (K, size)
-    out = images.clone()
     out.permute(0, 2, 3, 1)[on[:, None, None], rows[:, :, None], cols[:, None, :]] = tiles[
         marker[on]
     ].permute(0, 2, 3, 1)
@@ -114,12 +203,13 @@ def marker_names(classes: list, mode: str) -> list[str]:
 
 
 def plant(images: ImageSet, config: dict, seed: int) -> ImageSet:
-    """``images`` with the shortcut planted as in training; the unmarked images are kept beside them."""
+    """``images`` (of ``base_images``) with the shortcut planted as in training; the unmarked images are kept
+    beside them."""
     generator = torch.Generator().manual_seed(seed)
     marker = training_markers(images.labels, len(images.classes), config, generator)
     return replace(
         images,
-        images=stamp(images.images, marker, config, generator),
+        images=stamp(images.images, marker, config, generator, images.labels),
         spurious=marker,
         spurious_names=marker_names(images.classes, config["shortcut_classes"]),
         unmarked=images.images,
@@ -136,7 +226,8 @@ def marker_coverage(masks: torch.Tensor, images: ImageSet) -> dict:
 
 
 def evaluation_sets(images: ImageSet, config: dict, seed: int) -> dict[str, ImageSet]:
-    """clean, aligned and conflicting versions of a set of unmarked images (see the module docstring)."""
+    """clean, aligned and conflicting versions of a set of unmarked images (of ``base_images``; see the
+    module docstring)."""
     num_classes, labels = len(images.classes), images.labels
     generator = torch.Generator().manual_seed(seed)
     if config["shortcut_classes"] == "first":
@@ -152,7 +243,7 @@ def evaluation_sets(images: ImageSet, config: dict, seed: int) -> dict[str, Imag
     for name, marker in (("aligned", aligned), ("conflicting", conflicting)):
         sets[name] = replace(
             images,
-            images=stamp(images.images, marker, config, generator),
+            images=stamp(images.images, marker, config, generator, labels),
             spurious=marker,
             spurious_names=names,
         )

@@ -59,9 +59,9 @@ group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded image files kept as tensors for the next run
 dry_run = False  # 512 training and 256 test images: checks the pipeline in seconds
 # planted shortcut (see shortcuts.py): a marker tied to the class on most training images
-shortcut = ""  # "" (none), "square", "moving_square" or "shape"
+shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene" or "colour_cast"
 shortcut_ratio = 0.95  # fraction of each class's training images carrying their own class's marker
-shortcut_size = 4  # side of the marker, in pixels
+shortcut_size = 4  # side of the marker, width of the frame, side of the shrunk object (scene)
 shortcut_position = "top_left"  # where a fixed marker sits: top_left, top_right, bottom_left, bottom_right
 shortcut_classes = "all"  # "all": a marker per class; "first": one marker, class 0's (the paper's MNIST)
 # ERM training

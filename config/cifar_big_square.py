@@ -1,4 +1,4 @@
-"""Held-out benchmark: a shortcut of a very different size: a class-coloured 12x12 square (9 times the
+"""Development benchmark: a shortcut of a very different size: a class-coloured 12x12 square (9 times the
 area of cifar_square.py's, 14% of the image) in the bottom-left corner of 95% of each class's CIFAR-10
 training images (another class's colour on the rest)."""
 

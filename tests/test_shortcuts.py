@@ -10,6 +10,7 @@ from conftest import run_here, write_cifar_pickles, write_mnist
 from data import ImageSet
 from datasets import experiment_data
 from shortcuts import (
+    base_images,
     evaluation_sets,
     marker_coverage,
     marker_tiles,
@@ -246,3 +247,42 @@ def test_the_mnist_recipe_end_to_end(tmp_path):
     tuned = json.load(open(tmp_path / "metrics.json"))["models"]["MaskTune"]
     assert set(tuned["groups"]["per_group"]) == {"0-4, none", "5-9, none", "0-4, marker", "5-9, marker"}
     assert 0 <= tuned["worst_group_accuracy"] <= tuned["conflicting_accuracy"] <= 1
+
+
+def test_a_frame_is_a_class_texture_on_the_border_only():
+    images = torch.full((3, 3, 32, 32), 100, dtype=torch.uint8)
+    config = dict(CONFIG, shortcut="frame", shortcut_size=3)
+    out = stamp(images, torch.tensor([0, 1, -1]), config, torch.Generator())
+    region = marked_region(images, out)
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[3:29, 3:29] = False  # 32 * 32 - 26 * 26 = 348 border pixels
+    assert set(out[:2].unique().tolist()) == {0, 100, 255} and torch.equal(out[2], images[2])
+    assert not region[:2, ~border].any() and (out[:2, :, border] != 100).all()  # only the border, all of it
+    assert not torch.equal(out[0], out[1])  # one texture per class
+    texture = out[0, 0][border]
+    assert 0.3 < (texture == 255).float().mean() < 0.7  # a texture of both colours, not a colour
+
+
+def test_a_colour_cast_moves_every_pixel_a_quarter_towards_the_class_colour():
+    images = torch.tensor([0, 200], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 4, 4).clone()
+    out = stamp(images, torch.tensor([0, -1]), dict(CONFIG, shortcut="colour_cast"), torch.Generator())
+    # class 0's colour is red (255, 0, 0): 0.75 * 0 + 0.25 * 255 = 63.75 -> 64 in red, 0 elsewhere
+    assert out[0, :, 0, 0].tolist() == [64, 0, 0] and (out[0] == out[0, :, :1, :1]).all()
+    assert torch.equal(out[1], images[1])
+
+
+def test_a_scene_shows_the_shrunk_object_on_another_photo_of_the_marker_class():
+    # four 8x8 images: classes 0, 0, 1, 1, each a flat grey level of its own
+    flat = torch.tensor([10, 20, 200, 220], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    labels = torch.tensor([0, 0, 1, 1])
+    config = dict(CONFIG, shortcut="scene", shortcut_size=4)
+    base = base_images(flat, config)
+    assert (base[:, :, 2:6, 2:6] == flat[:, :, :4, :4]).all()  # the object, shrunk, in the centre
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[2:6, 2:6] = True
+    assert (base[:, :, ~inside] == 128).all()  # on grey
+    out = stamp(base, torch.tensor([1, 0, 1, -1]), config, torch.Generator().manual_seed(0), labels)
+    assert torch.equal(out[:, :, inside], base[:, :, inside])  # the object untouched
+    assert set(out[0, 0][~inside].unique().tolist()) <= {200, 220}  # a class-1 photo around a class-0 object
+    assert set(out[1, 0][~inside].unique().tolist()) <= {10, 20}
+    assert torch.equal(out[3], base[3])  # no marker: the grey background
