@@ -63,6 +63,8 @@ masks = compute_masks(
     test_set.images,
     run["masking"],
     batch_size=eval_batch_size,
+    labels=labels,
+    generator=torch.Generator().manual_seed(run["seed"] + 4),
     **mask_settings(run),
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))

@@ -1,16 +1,23 @@
-"""Saliency maps, per-image thresholds and masks, all as batched tensor code.
+"""Saliency maps, how much of each map to mask, and the fills, all as batched tensor code.
 
-Strategies (``masking``):
-  gradient   |gradient x input| of the predicted class's logit per pixel and colour channel (the input
-             measured from the model's normalisation mean, its zero input), summed over the channels and
-             box-filtered over ``smoothing`` of the image side; pixels above the per-image ``quantile``
-             masked. It measures what the prediction depends on, so it finds a small marker that the model
-             follows even where the true object draws more activation.
+Saliency maps (``masking``):
+  gradient   gradient x input of the predicted class's logit (the input measured from the model's
+             normalisation mean, its zero input), summed over the colour channels, box-filtered over
+             ``smoothing`` of the image side, positive part: what the prediction depends on, so it finds a
+             small marker that the model follows even where the true object draws more activation
   attention  the report's: channel mean of the model's attention map (its last conv block), upsampled to
-             the input size, min-max normalised per image, pixels above the per-image ``quantile`` masked
-             (the report compared a raw-scale threshold with normalised maps). Where the model looks.
-  xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled, pixels above
-             mean + 2 std of the image's positive CAM values masked.
+             the input size, min-max normalised per image. Where the model looks.
+  xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled.
+How much of a map is masked (``mask_extent``):
+  decisive   per image, the smallest of the map's top regions (``DECISIVE_AREAS`` of the image) that the
+             prediction follows: kept alone, with the rest of the image taken from a partner image of
+             another class, the predicted class keeps ``DECISIVE_MARGIN`` more probability than with the
+             region replaced by the partner's pixels. A marker of 2% and a frame or background of a third
+             of the image are found at their own size; an image whose prediction follows no region of at
+             most half the image (what a clean image's object usually gives) gets no mask, so the
+             fine-tune sees it unchanged.
+  fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
+             ``num_std`` std of the positive CAM (xgradcam: the paper's).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden; ``random_masks_like`` moves each mask to a
 random place (the random-mask control). ``fill_masks`` replaces the masked pixels: black as in the paper,
 or from a random other image (``shuffle_union``, ``shuffle``, ``swap``).
@@ -26,6 +33,9 @@ from device import autocast, model_device
 from distributed import gather_rows, my_range
 
 STRATEGIES = ("gradient", "attention", "xgradcam")
+EXTENTS = ("decisive", "fixed")
+DECISIVE_AREAS = (0.015, 0.03, 0.06, 0.12, 0.25, 0.5)  # candidate masks: these shares of the image
+DECISIVE_MARGIN = 0.5  # how much more probability the prediction keeps with the region than without it
 
 
 def trunk_features(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
@@ -70,17 +80,18 @@ def gradient_saliency(
     multilabel: bool = False,
     amp: bool = False,
 ) -> torch.Tensor:
-    """|gradient x input| of the predicted class's logit, per colour channel (so colours do not cancel) and
-    summed: (B, H, W), >= 0, box-filtered over ``smoothing`` of the image side (an odd number of pixels).
-    The input is measured from 255 * the model's normalisation mean, so the map is gradient x input in the
-    model's own (normalised) input space."""
+    """Gradient x input of the predicted class's logit, summed over the colour channels, box-filtered over
+    ``smoothing`` of the image side (an odd number of pixels), then its positive part: (B, H, W), >= 0. Each
+    pixel's share of the logit, signed, so that evidence spread thinly over a region adds up while a region
+    whose pixels push both ways cancels. The input is measured from 255 * the model's normalisation mean, so
+    the map is gradient x input in the model's own (normalised) input space."""
     pixels = inputs.float().requires_grad_(True)
     with torch.enable_grad(), autocast(inputs.device, amp):
         logits = model(pixels)[0]
         (grads,) = torch.autograd.grad(explained_score(logits.float(), None, multilabel), pixels)
-    contribution = (grads * (pixels.detach() - 255 * model.mean)).abs().sum(1)
+    contribution = (grads * (pixels.detach() - 255 * model.mean)).sum(1)
     side = round(smoothing * min(inputs.shape[-2:])) // 2 * 2 + 1
-    return box_filter(contribution, side)
+    return box_filter(contribution, side).clamp_min(0)
 
 
 def xgradcam_saliency(
@@ -122,13 +133,78 @@ def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 def mask_settings(config: dict) -> dict:
-    """A run's masking settings (``mask_quantile``, ``mask_std``, ``gradient_smoothing`` in vgg.py and
-    resnet50.py), checked, as the keyword arguments of ``saliency_mask`` and ``compute_masks``."""
+    """A run's masking settings (``mask_extent``, ``mask_quantile``, ``mask_std``, ``gradient_smoothing`` in
+    vgg.py and resnet50.py), checked, as the keyword arguments of ``saliency_mask`` and ``compute_masks``."""
+    check_choice("mask_extent", config["mask_extent"], EXTENTS)
     check(0 < config["mask_quantile"] < 1, "mask_quantile must be between 0 and 1")
     check(0 <= config["gradient_smoothing"] <= 1, "gradient_smoothing must be between 0 and 1")
     return dict(
-        quantile=config["mask_quantile"], num_std=config["mask_std"], smoothing=config["gradient_smoothing"]
+        extent=config["mask_extent"],
+        quantile=config["mask_quantile"],
+        num_std=config["mask_std"],
+        smoothing=config["gradient_smoothing"],
     )
+
+
+def saliency_map(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    strategy: str,
+    *,
+    smoothing: float = 0.15,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
+    """The ``strategy``'s saliency map of a batch of uint8 images: (B, H, W), >= 0."""
+    check_choice("masking", strategy, STRATEGIES)
+    if strategy == "gradient":
+        return gradient_saliency(model, inputs, smoothing, multilabel, amp)
+    if strategy == "attention":
+        return attention_saliency(model, inputs, amp)
+    return xgradcam_saliency(model, inputs, multilabel=multilabel, amp=amp)
+
+
+def top_region(cam: torch.Tensor, area: float) -> torch.Tensor:
+    """bool (B, H, W): each map's top ``area`` share of pixels (ties and zeros excluded)."""
+    return (cam > quantile_threshold(cam, 1 - area)[:, None, None]) & (cam > 0)
+
+
+def prediction_kept(
+    model: nn.Module, inputs: torch.Tensor, predicted: torch.Tensor, multilabel: bool, amp: bool
+) -> torch.Tensor:
+    """(B,) the probability the model gives its earlier ``predicted`` class (multi-label: the mean
+    probability of its earlier 0/1 predictions)."""
+    with torch.no_grad(), autocast(inputs.device, amp):
+        logits = model(inputs)[0].float()
+    if multilabel:
+        return torch.where(predicted, logits, -logits).sigmoid().mean(1)
+    return logits.softmax(1).gather(1, predicted[:, None])[:, 0]
+
+
+def decisive_masks(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    partners: torch.Tensor,
+    cam: torch.Tensor,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Per image, the smallest top region of ``cam`` (``DECISIVE_AREAS``) that the prediction follows against
+    a ``partners`` image of another class (see the module docstring); no mask where none does."""
+    with torch.no_grad(), autocast(inputs.device, amp):
+        logits = model(inputs)[0].float()
+    predicted = logits > 0 if multilabel else logits.argmax(1)
+    masks = torch.zeros_like(cam, dtype=torch.bool)
+    found = torch.zeros(len(cam), dtype=torch.bool, device=cam.device)
+    for area in DECISIVE_AREAS:
+        region = top_region(cam, area)
+        shown = region[:, None]
+        kept = prediction_kept(model, torch.where(shown, inputs, partners), predicted, multilabel, amp)
+        replaced = prediction_kept(model, torch.where(shown, partners, inputs), predicted, multilabel, amp)
+        new = ~found & (kept - replaced >= DECISIVE_MARGIN)
+        masks[new] = region[new]
+        found |= new
+    return masks
 
 
 def saliency_mask(
@@ -136,25 +212,42 @@ def saliency_mask(
     inputs: torch.Tensor,
     strategy: str,
     *,
+    extent: str = "fixed",
+    partners: torch.Tensor | None = None,
     quantile: float = 0.75,
     num_std: float = 2.0,
     smoothing: float = 0.15,
     multilabel: bool = False,
     amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heatmap, mask) for a batch of uint8 images; mask is True where pixels are hidden. ``amp``: bf16
-    where native (see ``trunk_features``)."""
-    check_choice("masking", strategy, STRATEGIES)
-    if strategy == "gradient":
-        cam = gradient_saliency(model, inputs, smoothing, multilabel, amp)
-        threshold = quantile_threshold(cam, quantile)
-    elif strategy == "attention":
-        cam = attention_saliency(model, inputs, amp)
-        threshold = quantile_threshold(cam, quantile)
-    else:
-        cam = xgradcam_saliency(model, inputs, multilabel=multilabel, amp=amp)
+    """(heatmap, mask) for a batch of uint8 images; mask is True where pixels are hidden. ``partners``: the
+    images the decisive extent tests each region against. ``amp``: bf16 where native (see
+    ``trunk_features``)."""
+    check_choice("mask_extent", extent, EXTENTS)
+    cam = saliency_map(model, inputs, strategy, smoothing=smoothing, multilabel=multilabel, amp=amp)
+    if extent == "decisive":
+        check(partners is not None, "the decisive mask extent needs partner images")
+        return cam, decisive_masks(model, inputs, partners, cam, multilabel, amp)
+    if strategy == "xgradcam":
         threshold = mean_std_threshold(cam, num_std)
+    else:
+        threshold = quantile_threshold(cam, quantile)
     return cam, (cam > threshold[:, None, None]) & (cam > 0)
+
+
+def other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each image a random other image with another label (multi-label: another set of labels), by
+    index: (N,) int64. Where every image has the same label, some partners share it."""
+    labels = labels.cpu()
+    n = len(labels)
+    partners = torch.randint(n, (n,), generator=generator)
+    for _ in range(100):  # redraw the partners that share the label; each round keeps 1/C of them
+        same = labels[partners] == labels
+        same = same.flatten(1).all(1) if same.dim() > 1 else same
+        if not same.any():
+            break
+        partners[same] = torch.randint(n, (int(same.sum()),), generator=generator)
+    return partners
 
 
 def compute_masks(
@@ -163,21 +256,30 @@ def compute_masks(
     strategy: str,
     *,
     batch_size: int,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     desc: str = "masking",
     **settings,
 ) -> torch.Tensor:
     """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device;
-    ``settings`` as for ``saliency_mask``. Under torchrun each process masks a contiguous share and every
+    ``settings`` as for ``saliency_mask``. The decisive extent tests each image against a partner of another
+    of ``labels``, drawn with ``generator``. Under torchrun each process masks a contiguous share and every
     process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
     device = model_device(model)
+    partners = None
+    if settings.get("extent") == "decisive":
+        check(labels is not None, "the decisive mask extent needs the images' labels")
+        partners = other_class_partners(labels, generator or torch.Generator().manual_seed(0))
     mine = my_range(len(images))
     masks = torch.empty(len(mine), *images.shape[-2:], dtype=torch.bool, device=images.device)
     try:
         for index in progress(in_order(len(mine), batch_size), desc=desc):
-            inputs = images[(index + mine.start).to(images.device)].to(device, non_blocking=True)
-            _, mask = saliency_mask(model, inputs, strategy, **settings)
+            rows = (index + mine.start).to(images.device)
+            inputs = images[rows].to(device, non_blocking=True)
+            paired = None if partners is None else images[partners[rows.cpu()].to(images.device)].to(device)
+            _, mask = saliency_mask(model, inputs, strategy, partners=paired, **settings)
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)

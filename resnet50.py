@@ -84,7 +84,11 @@ compile_model = False  # torch.compile the models: compilation takes a while, pa
 # MaskTune
 masking = "gradient"  # "gradient", "attention" or "xgradcam" (input masks, see masking.py), or "feature"
 # (the report's learned feature mask)
-mask_quantile = 0.95  # gradient, attention: mask pixels above this per-image quantile of the map (5%;
+mask_extent = (
+    "fixed"  # "decisive": per image, the smallest top region the prediction follows (see masking.py);
+)
+# "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam)
+mask_quantile = 0.95  # fixed extent: pixels above this per-image quantile of the map (5%;
 # vgg.py's 3% was chosen on small markers, and CelebA's and Waterbirds' shortcuts are large)
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
@@ -183,6 +187,8 @@ else:
         train_images,
         masking,
         batch_size=eval_batch_size,
+        labels=train_labels,
+        generator=torch.Generator().manual_seed(seed + 4),
         multilabel=multilabel,
         **saliency_settings,
     )

@@ -38,7 +38,7 @@ from masking import (
     fill_masks,
     mask_settings,
     random_masks_like,
-    saliency_mask,
+    saliency_map,
 )
 from models import VGGWithAttention
 from plots import save_image_grid, save_training_curves
@@ -80,9 +80,13 @@ compile_model = False  # torch.compile the model: compilation takes a while, pay
 # MaskTune: masks computed once, with the frozen best ERM model
 masking = "gradient"  # saliency: "gradient" (gradient x input), "attention" (the model's attention
 # map) or "xgradcam" (the paper's); see masking.py
-mask_quantile = 0.97  # gradient, attention: mask pixels above this per-image quantile of the map (3%)
+mask_extent = (
+    "fixed"  # "decisive": per image, the smallest top region the prediction follows (see masking.py);
+)
+# "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam)
+mask_quantile = 0.97  # fixed extent, gradient, attention: pixels above this per-image quantile of the map
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
-mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
+mask_std = 2.0  # fixed extent, xgradcam: pixels above mean + mask_std * std of the positive CAM
 mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a random other image (see
 # masking.py); "black" (the paper)
 finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
@@ -105,6 +109,7 @@ check(
 check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
 check_choice("masking", masking, STRATEGIES)
 saliency_settings = dict(mask_settings(config), amp=amp)
+heatmap_settings = dict(smoothing=gradient_smoothing, amp=amp)
 check_choice("mask_fill", mask_fill, FILLS)
 check_choice("finetune_from", finetune_from, ("best", "last"))
 check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
@@ -216,7 +221,15 @@ if finetune_epochs == 0:
 # 2. masking the training set once, with the frozen best ERM model --------------------------------------
 load_weights(model, erm_best, initial_path)
 mask_start = time.time()
-masks = compute_masks(model, train_images, masking, batch_size=eval_batch_size, **saliency_settings)
+masks = compute_masks(
+    model,
+    train_images,
+    masking,
+    batch_size=eval_batch_size,
+    labels=train_labels,
+    generator=torch.Generator().manual_seed(seed + 4),
+    **saliency_settings,
+)
 mask_seconds = time.time() - mask_start
 masked_fraction = masks.float().mean().item()
 masks_sha1 = hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()  # which masks a fine-tune saw
@@ -241,12 +254,12 @@ variants = {
     for name, m in masks_of.items()
 }
 examples = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:8]
-erm_heatmaps = saliency_mask(model, train_images[examples], masking, **saliency_settings)[0]
+erm_heatmaps = saliency_map(model, train_images[examples], masking, **heatmap_settings)
 # test images that break the shortcut (if any): does the fine-tuned model still look at the marker?
 shown = evaluation_sets(test_set, config, seed + 1000)["conflicting"] if shortcut else test_set
 shown_index = torch.randperm(len(shown), generator=torch.Generator().manual_seed(seed))[:8]
 shown_images = shown.images[shown_index].to(device_)
-erm_shown_heatmaps = saliency_mask(model, shown_images, masking, **saliency_settings)[0]
+erm_shown_heatmaps = saliency_map(model, shown_images, masking, **heatmap_settings)
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------
 start = erm_best if finetune_from == "best" else load_checkpoint(last_path, "VGGWithAttention", num_classes)
@@ -277,7 +290,7 @@ for name, images in variants.items():
     )
     results[name] = {**extra, **history[-1]}
     if name == "finetuned":  # what was masked, and where the models look before and after
-        shown_tuned_heatmaps = saliency_mask(model, shown_images, masking, **saliency_settings)[0]
+        shown_tuned_heatmaps = saliency_map(model, shown_images, masking, **heatmap_settings)
         mask_pictures = masks[examples, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
         save_image_grid(
             os.path.join(out_dir, "why.png"),

@@ -6,6 +6,7 @@ learning_rate, pass that too). Combine it with a data recipe:
     python vgg.py config/mnist_paper.py config/paper_protocol.py --finetune_learning_rate=0.01"""
 
 masking = "xgradcam"
+mask_extent = "fixed"
 mask_std = 2.0
 mask_fill = "black"
 finetune_from = "last"

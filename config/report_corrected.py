@@ -3,6 +3,7 @@ chosen to remove shortcuts: XGradCAM masks (mean + 2 std) set to black, one epoc
 and its optimizer state at 2e-4 (the lowest rate tried, best on the validation split)."""
 
 masking = "xgradcam"
+mask_extent = "fixed"
 mask_std = 2.0
 mask_fill = "black"
 finetune_from = "best"

@@ -14,6 +14,7 @@ num_epochs = 100
 learning_rate = 1e-4
 weight_decay = 1e-4
 masking = "xgradcam"
+mask_extent = "fixed"
 mask_std = 2.0
 mask_fill = "black"
 finetune_from = "last"

@@ -57,15 +57,19 @@ def test_gradient_saliency_is_gradient_times_normalised_input():
     normalised = model.normalize(images)
     logits = model(images)[0]
     contribution = model.weight[logits.argmax(1)].detach() * normalised  # each pixel's share of the logit
-    expected = contribution.abs().sum(1)  # per channel, so colours do not cancel
-    assert torch.allclose(gradient_saliency(model, images, smoothing=0), expected, atol=1e-4)
+    signed = contribution.sum(1)  # summed over the channels, signed: evidence for and against cancels
+    expected = signed.clamp_min(0)
+    assert (signed < 0).any() and torch.allclose(
+        gradient_saliency(model, images, smoothing=0), expected, atol=1e-4
+    )
     # box-filtered over round(0.4 * 8) -> 3 pixels: one hot pixel spreads to a 3x3 patch of 1/9
     hot = torch.zeros(1, 8, 8)
     hot[0, 4, 4] = 9.0
     assert torch.equal(box_filter(hot, 3)[0, 3:6, 3:6], torch.ones(3, 3))
     assert box_filter(hot, 3).sum() == 9.0
     smoothed = gradient_saliency(model, images, smoothing=0.4)
-    assert torch.allclose(smoothed[:, 2:6, 2:6], box_filter(expected, 3)[:, 2:6, 2:6], atol=1e-4)
+    # smoothed before the positive part is taken
+    assert torch.allclose(smoothed[:, 2:6, 2:6], box_filter(signed, 3)[:, 2:6, 2:6].clamp_min(0), atol=1e-4)
 
 
 def test_fills_replace_only_the_masked_pixels():
