@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import PATCH, patch_corner, planted_images
+from console import UserError
 from device import prepare_model
 from engine import accuracy, predict, train_epoch
 from masking import (
@@ -14,6 +15,7 @@ from masking import (
     fill_masks,
     gradient_saliency,
     mean_std_threshold,
+    other_class_partners,
     quantile_threshold,
     random_masks_like,
     saliency_mask,
@@ -70,6 +72,54 @@ def test_gradient_saliency_is_gradient_times_normalised_input():
     smoothed = gradient_saliency(model, images, smoothing=0.4)
     # smoothed before the positive part is taken
     assert torch.allclose(smoothed[:, 2:6, 2:6], box_filter(signed, 3)[:, 2:6, 2:6].clamp_min(0), atol=1e-4)
+
+
+def two_class_images(n: int, region: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 images whose ``region`` is bright (class 0) or dark (class 1); mid-grey noise elsewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(100, 156, (n, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    images[:, :, region] = torch.where(labels == 0, 240, 15).to(torch.uint8).view(-1, 1, 1)
+    return images, labels
+
+
+def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size():
+    """A linear model that reads only a 2x2 corner (4 of 64 pixels): the smallest top region that decides
+    its prediction is that corner (the 6% candidate), on every image."""
+    corner = torch.zeros(8, 8, dtype=torch.bool)
+    corner[:2, :2] = True
+    weight = torch.zeros(2, 3, 8, 8)
+    weight[0, :, corner], weight[1, :, corner] = 3.0, -3.0
+    model = LinearModel(weight)
+    images, labels = two_class_images(40, corner)
+    masks = compute_masks(
+        model, images, "gradient", batch_size=16, labels=labels, extent="decisive", smoothing=0
+    )
+    assert (masks == corner).all()
+
+
+def test_the_decisive_extent_masks_nothing_where_the_whole_image_decides():
+    """A model that adds up every pixel: no region of half the image or less outweighs the rest."""
+    everywhere = torch.ones(8, 8, dtype=torch.bool)
+    weight = torch.zeros(2, 3, 8, 8)
+    weight[0], weight[1] = 0.2, -0.2
+    model = LinearModel(weight)
+    images, labels = two_class_images(40, everywhere)
+    masks = compute_masks(
+        model, images, "gradient", batch_size=16, labels=labels, extent="decisive", smoothing=0
+    )
+    assert not masks.any()
+    with pytest.raises(UserError, match="needs the images' labels"):
+        compute_masks(model, images, "gradient", batch_size=16, extent="decisive")
+
+
+def test_partners_are_of_another_class():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    partners = other_class_partners(labels, torch.Generator().manual_seed(0))
+    assert (labels[partners] != labels).all()
+    attributes = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # multi-label: another set of labels
+    partners = other_class_partners(attributes, torch.Generator().manual_seed(0))
+    assert ((attributes[partners] != attributes).any(1)).all()
 
 
 def test_fills_replace_only_the_masked_pixels():
@@ -210,8 +260,6 @@ def test_masks_cover_the_planted_patch(planted_model, strategy, fast):
 
 
 def test_saliency_mask_rejects_unknown_strategy():
-    from console import UserError
-
     with pytest.raises(UserError, match="unknown masking .gradcam."):
         saliency_mask(VGGWithAttention(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "gradcam")
     with pytest.raises(UserError, match="unknown mask_fill"):
