@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import configure
-from data import draw_epoch, flip_crop
-from device import autocast, native_bf16, pick_device, prepare_model, seed_everything
-from engine import predict, train_epoch
-from masking import compute_masks, fill_masks
+from masktune.batches import draw_epoch, flip_crop
+from masktune.device import autocast, native_bf16, pick_device, prepare_model, seed_everything
+from masktune.engine import predict, train_epoch
+from masktune.masking import compute_masks, fill_masks
+from masktune.recipes import configure
 from models import ResNet50, VGGWithAttention
 
 device = "auto"  # auto = cuda, then mps, then cpu

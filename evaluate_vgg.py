@@ -21,16 +21,17 @@ from dataclasses import replace
 
 import torch
 
-from checkpoint import RUN_MODELS, ensure_writable_dir, load_run
-from config import check_run_settings, configure
-from console import check
-from datasets import experiment_data
-from device import pick_device
-from engine import predict
-from masking import compute_masks, fill_masks, mask_settings
-from metrics import group_accuracy, per_class_accuracy
-from plots import save_grouped_bars
-from shortcuts import evaluation_sets
+from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from masktune.console import check
+from masktune.datasets import experiment_data
+from masktune.device import pick_device
+from masktune.engine import predict
+from masktune.masking import compute_masks, fill_masks, mask_settings
+from masktune.metrics import group_accuracy, per_class_accuracy
+from masktune.plots import save_grouped_bars
+from masktune.recipes import check_run_settings, configure
+from masktune.shortcuts import evaluation_sets
+from models import VGGWithAttention
 
 checkpoint_dir = "checkpoints"  # where vgg.py wrote vgg_initial.pt, vgg_finetuned.pt, ...
 out_dir = "out/vgg"  # metrics.json, predictions.csv, per_class_accuracy.png
@@ -43,7 +44,7 @@ check(eval_batch_size > 0, "eval_batch_size must be positive")
 ensure_writable_dir(out_dir)
 device_ = pick_device(device)
 
-models, states = load_run(checkpoint_dir, "vgg", device_, ("VGGWithAttention",))
+models, states = load_run(checkpoint_dir, "vgg", device_, (VGGWithAttention,))
 run = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
 check_run_settings(claims, run, checkpoint_dir)
 train_set, val_set, test_set = experiment_data(run)

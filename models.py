@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from console import UserError
+from masktune.console import UserError
 
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # torchvision's IMAGENET1K_V1
 
@@ -200,9 +200,3 @@ class AttentionMaskingResNet50(ResNet50):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc((features * torch.sigmoid(self.mask_generator(features))).mean((2, 3)))
 
-
-ARCHITECTURES = {
-    "VGGWithAttention": VGGWithAttention,
-    "ResNet50": ResNet50,
-    "AttentionMaskingResNet50": AttentionMaskingResNet50,
-}

@@ -27,15 +27,23 @@ import time
 
 import torch
 
-from checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
-from config import configure
-from console import check, check_choice
-from datasets import experiment_data
-from device import pick_device, prepare_model, seed_everything
-from distributed import init_distributed, is_main
-from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
-from masking import FILLS, STRATEGIES, compute_masks, fill_masks, mask_settings, random_masks_like
-from metrics import evaluate_predictions, format_evaluation, write_predictions
+from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
+from masktune.console import check, check_choice
+from masktune.datasets import experiment_data
+from masktune.device import pick_device, prepare_model, seed_everything
+from masktune.distributed import init_distributed, is_main
+from masktune.engine import (
+    FINETUNE_SCHEDULES,
+    accuracy,
+    finetune_length,
+    finetune_lr,
+    predict,
+    train,
+    weights_sha1,
+)
+from masktune.masking import FILLS, STRATEGIES, compute_masks, fill_masks, mask_settings, random_masks_like
+from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
+from masktune.recipes import configure
 from models import AttentionMaskingResNet50, ResNet50
 
 # data and output
@@ -236,7 +244,7 @@ for name, images in variants.items():
     )
 
 # 3. evaluation on the test split -------------------------------------------------------------------------
-models, _ = load_run(checkpoint_dir, "resnet50", device_, ("ResNet50", "AttentionMaskingResNet50"))
+models, _ = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))
 logits = {
     name: predict(m, test_set.images, batch_size=eval_batch_size, amp=amp, desc=f"test {name}")
     for name, m in models.items()

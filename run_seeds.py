@@ -16,10 +16,10 @@ import os
 import subprocess
 import sys
 
-from checkpoint import RUN_MODELS, ensure_writable_dir
-from config import configure
-from console import check
-from metrics import mean_std
+from masktune.checkpoint import RUN_MODELS, ensure_writable_dir
+from masktune.console import check
+from masktune.metrics import mean_std
+from masktune.recipes import configure
 
 seeds = [0, 1, 2]  # one full pipeline per seed
 checkpoint_dir = "checkpoints/seeds"  # each seed writes to checkpoint_dir/seed<N>

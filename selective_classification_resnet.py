@@ -23,20 +23,21 @@ import os
 
 import torch
 
-from checkpoint import RUN_MODELS, ensure_writable_dir, load_run
-from config import check_run_settings, configure
-from console import check
-from datasets import experiment_data
-from device import pick_device
-from engine import predict
-from plots import save_risk_coverage
-from selective import (
+from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from masktune.console import check
+from masktune.datasets import experiment_data
+from masktune.device import pick_device
+from masktune.engine import predict
+from masktune.plots import save_risk_coverage
+from masktune.recipes import check_run_settings, configure
+from masktune.selective import (
     agreement_rule,
     classification_scorers,
     compare_scorers,
     format_scorer_table,
     multilabel_scorers,
 )
+from models import AttentionMaskingResNet50, ResNet50
 
 checkpoint_dir = "checkpoints"  # where resnet50.py wrote its checkpoints
 out_dir = "out/resnet50"  # selective.json, selective.csv, risk_coverage.png
@@ -53,7 +54,7 @@ check(eval_batch_size > 0, "eval_batch_size must be positive")
 ensure_writable_dir(out_dir)
 device_ = pick_device(device)
 
-models, states = load_run(checkpoint_dir, "resnet50", device_, ("ResNet50", "AttentionMaskingResNet50"))
+models, states = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))
 run = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
 check_run_settings(claims, run, checkpoint_dir)
 _, val_set, test_set = experiment_data(run, fallback="")

@@ -24,14 +24,21 @@ import time
 
 import torch
 
-from checkpoint import ensure_writable_dir, load_checkpoint, load_weights
-from config import configure
-from console import check, check_choice
-from datasets import DATASETS, experiment_data
-from device import pick_device, prepare_model, seed_everything
-from distributed import init_distributed, is_main, world_size
-from engine import FINETUNE_SCHEDULES, accuracy, finetune_length, finetune_lr, predict, train, weights_sha1
-from masking import (
+from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
+from masktune.console import check, check_choice
+from masktune.datasets import DATASETS, experiment_data
+from masktune.device import pick_device, prepare_model, seed_everything
+from masktune.distributed import init_distributed, is_main, world_size
+from masktune.engine import (
+    FINETUNE_SCHEDULES,
+    accuracy,
+    finetune_length,
+    finetune_lr,
+    predict,
+    train,
+    weights_sha1,
+)
+from masktune.masking import (
     FILLS,
     STRATEGIES,
     compute_masks,
@@ -40,9 +47,10 @@ from masking import (
     random_masks_like,
     saliency_map,
 )
+from masktune.plots import save_image_grid, save_training_curves
+from masktune.recipes import configure
+from masktune.shortcuts import evaluation_sets, marker_coverage
 from models import VGGWithAttention
-from plots import save_image_grid, save_training_curves
-from shortcuts import evaluation_sets, marker_coverage
 
 # data and output
 data_dir = "data"  # CIFAR-10 (downloaded here if missing), MNIST/raw/, an image folder tree, Waterbirds

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_here
-from datasets import load_splits
+from masktune.datasets import load_splits
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_weights, save_checkpoint
-from console import UserError
+from masktune.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from masktune.console import UserError
 from models import VGGWithAttention
 
 

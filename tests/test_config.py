@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from config import check_run_settings, configure, parse_value
-from console import UserError
-from device import pick_device
+from masktune.console import UserError
+from masktune.device import pick_device
+from masktune.recipes import check_run_settings, configure, parse_value
 
 
 def variables():

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar10 import load_cifar10
 from conftest import CLASSES, write_cifar_pickles, write_image_folder, write_mnist, write_waterbirds
-from console import UserError
-from data import draw_epoch, flip_crop, read_images, split_validation
-from datasets import experiment_data, list_image_folder, load_splits, recognise
-from mnist import load_mnist
+from masktune.batches import draw_epoch, flip_crop
+from masktune.console import UserError
+from masktune.datasets import experiment_data, list_image_folder, load_splits, recognise
+from masktune.datasets.cifar10 import load_cifar10
+from masktune.datasets.mnist import load_mnist
+from masktune.images import read_images, split_validation
 
 
 def test_cifar_pickles_load_as_uint8_tensors(cifar_dir):

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_weights
 from conftest import ROOT
-from datasets import experiment_data
-from device import prepare_model
-from masking import compute_masks, mask_settings
+from masktune.checkpoint import load_checkpoint, load_weights
+from masktune.datasets import experiment_data
+from masktune.device import prepare_model
+from masktune.masking import compute_masks, mask_settings
 from models import VGGWithAttention
 
 pytestmark = pytest.mark.slow
@@ -72,9 +72,9 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
 FEWER_IMAGES_THAN_PROCESSES = """
 import sys
 import torch
-from distributed import init_distributed, rank
-from engine import predict
-from masking import compute_masks
+from masktune.distributed import init_distributed, rank
+from masktune.engine import predict
+from masktune.masking import compute_masks
 from models import VGGWithAttention
 device = init_distributed(torch.device("cpu"))
 torch.manual_seed(0)  # the same model in every process

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-import engine
-from checkpoint import load_checkpoint
-from console import UserError
-from engine import train, train_epoch
+from masktune import engine
+from masktune.checkpoint import load_checkpoint
+from masktune.console import UserError
+from masktune.engine import train, train_epoch
 from models import ResNet50, VGGWithAttention
 
 

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 
 from conftest import PATCH, patch_corner, planted_images
-from console import UserError
-from device import prepare_model
-from engine import accuracy, predict, train_epoch
-from masking import (
+from masktune.console import UserError
+from masktune.device import prepare_model
+from masktune.engine import accuracy, predict, train_epoch
+from masktune.masking import (
     box_filter,
     compute_masks,
     fill_masks,

@@ -3,8 +3,14 @@ import math
 import pytest
 import torch
 
-from metrics import attribute_group_accuracy, attribute_metrics, group_accuracy, mean_std, per_class_accuracy
-from selective import (
+from masktune.metrics import (
+    attribute_group_accuracy,
+    attribute_metrics,
+    group_accuracy,
+    mean_std,
+    per_class_accuracy,
+)
+from masktune.selective import (
     agreement_rule,
     aurc,
     classification_scorers,

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import (
     ROOT,
     run_here,
@@ -21,7 +20,8 @@ from conftest import (
     write_image_folder,
     write_waterbirds,
 )
-from console import UserError
+from masktune.checkpoint import load_checkpoint, save_checkpoint
+from masktune.console import UserError
 from models import ResNet50, VGGWithAttention
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from celeba import list_celeba
-from checkpoint import load_checkpoint
 from conftest import CELEBA_ATTRIBUTES, run_here, write_celeba, write_image_folder, write_waterbirds
-from console import UserError
-from datasets import load_splits
+from masktune.checkpoint import load_checkpoint
+from masktune.console import UserError
+from masktune.datasets import load_splits
+from masktune.datasets.celeba import list_celeba
 from models import AttentionMaskingResNet50, ResNet50
 
 CELEBA = {
@@ -274,8 +274,8 @@ def test_feature_masking_on_the_torchvision_celeba_layout(tmp_path):
 def test_resnet_input_masks_cover_a_planted_feature_in_an_image_folder(tmp_path):
     """A ResNet50 trained briefly on an image folder where only a bright square (top left) tells "marked"
     from "plain": its XGradCAM masks fall on the square."""
-    from engine import accuracy, predict, train_epoch
-    from masking import compute_masks
+    from masktune.engine import accuracy, predict, train_epoch
+    from masktune.masking import compute_masks
 
     rng = np.random.default_rng(0)
     for name, marked in (("marked", True), ("plain", False)):

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_weights
 from conftest import run_here, run_script, write_image_folder
-from console import UserError
-from engine import weights_sha1
+from masktune.checkpoint import load_checkpoint, load_weights
+from masktune.console import UserError
+from masktune.engine import weights_sha1
 from models import VGGWithAttention
 
 pytestmark = pytest.mark.slow

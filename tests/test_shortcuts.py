@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import run_here, write_cifar_pickles, write_mnist
-from data import ImageSet
-from datasets import experiment_data
-from shortcuts import (
+from masktune.datasets import experiment_data
+from masktune.images import ImageSet
+from masktune.shortcuts import (
     base_images,
     evaluation_sets,
     marker_coverage,

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Any
 
-from console import UserError, check, install_error_hook, is_main_process
+from masktune.console import UserError, check, install_error_hook, is_main_process
 
 CONFIG_TYPES = (bool, int, float, str, list, type(None))
 

@@ -29,8 +29,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from console import check, check_choice
-from data import ImageSet
+from masktune.console import check, check_choice
+from masktune.images import ImageSet
 
 KINDS = ("square", "moving_square", "shape", "frame", "scene", "colour_cast")
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from console import UserError, check
+from masktune.console import UserError, check
 
 
 def _mps_available() -> bool:

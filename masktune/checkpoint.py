@@ -10,9 +10,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from console import UserError, check
-from distributed import barrier, is_main
-from models import ARCHITECTURES
+from masktune.console import UserError, check
+from masktune.distributed import barrier, is_main
 
 FORMAT_VERSION = 1
 
@@ -148,10 +147,11 @@ RUN_MODELS = {
 
 
 def load_run(
-    checkpoint_dir: str, prefix: str, device: torch.device, architectures: tuple
+    checkpoint_dir: str, prefix: str, device: torch.device, architectures: tuple[type, ...]
 ) -> tuple[dict, dict]:
     """Load a run's models (ERM and MaskTune required, controls when present): ({name: model}, {name: state}).
-    Each must be one of ``architectures``."""
+    Each must be one of the model classes ``architectures``, built with its number of classes."""
+    classes = {architecture.__name__: architecture for architecture in architectures}
     models, states = {}, {}
     for name in RUN_MODELS:
         path = os.path.join(checkpoint_dir, f"{prefix}_{name}.pt")
@@ -159,10 +159,10 @@ def load_run(
             continue
         states[name] = load_checkpoint(path)
         check(
-            states[name]["architecture"] in architectures,
-            f"{path!r} holds a {states[name]['architecture']}, expected a {' or '.join(architectures)}",
+            states[name]["architecture"] in classes,
+            f"{path!r} holds a {states[name]['architecture']}, expected a {' or '.join(classes)}",
         )
-        model = ARCHITECTURES[states[name]["architecture"]](states[name]["num_classes"])
+        model = classes[states[name]["architecture"]](states[name]["num_classes"])
         models[name] = load_weights(model, states[name], path).to(device).eval()
     for name in ("nomask", "randommask"):
         if name in states:

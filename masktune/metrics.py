@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from checkpoint import RUN_MODELS
-from data import ImageSet
+from masktune.checkpoint import RUN_MODELS
+from masktune.images import ImageSet
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_weights, resumable, save_checkpoint
-from console import check, progress
-from data import draw_epoch, flip_crop, in_order
-from device import autocast, model_device
-from distributed import batch_slice, gather_rows, my_range, sum_all, wrap
+from masktune.batches import draw_epoch, flip_crop, in_order
+from masktune.checkpoint import load_weights, resumable, save_checkpoint
+from masktune.console import check, progress
+from masktune.device import autocast, model_device
+from masktune.distributed import batch_slice, gather_rows, my_range, sum_all, wrap
 
 LOG_EVERY = 25  # steps between progress-bar updates: the only times the loop waits for the device
 

@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from console import UserError, check
-from data import FileList
+from masktune.console import UserError, check
+from masktune.images import FileList
 
 COLUMNS = ("img_id", "img_filename", "y", "split", "place")
 CLASSES = ["landbird", "waterbird"]

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from distributed import is_main  # noqa: E402
+from masktune.distributed import is_main  # noqa: E402
 
 
 def _save(fig, path: str) -> str:

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from console import check, check_choice, progress
-from data import in_order
-from device import autocast, model_device
-from distributed import gather_rows, my_range
+from masktune.batches import in_order
+from masktune.console import check, check_choice, progress
+from masktune.device import autocast, model_device
+from masktune.distributed import gather_rows, my_range
 
 STRATEGIES = ("gradient", "attention", "xgradcam")
 EXTENTS = ("decisive", "fixed")

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import torch
 
-from console import UserError, check
-from data import ImageSet
+from masktune.console import UserError, check
+from masktune.images import ImageSet
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

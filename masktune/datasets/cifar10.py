@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 import torch
 
-from console import UserError, check
-from data import ImageSet
+from masktune.console import UserError, check
+from masktune.images import ImageSet
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"

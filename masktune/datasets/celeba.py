@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from console import UserError, check
-from data import FileList
+from masktune.console import UserError, check
+from masktune.images import FileList
 
 
 def celeba_files(data_dir: str) -> tuple[str, str, str] | None:
