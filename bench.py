@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from masktune.batches import draw_epoch, flip_crop
 from masktune.device import autocast, native_bf16, pick_device, prepare_model, seed_everything
-from masktune.engine import predict, train_epoch
-from masktune.masking import compute_masks, fill_masks
+from masktune.engine import TrainingSet, predict, train_epoch
+from masktune.masking import compute_masks, masked_images
 from masktune.recipes import configure
 from models import ResNet50, VGGWithAttention
 
@@ -151,7 +151,7 @@ images_d, labels_d = images.to(device_), labels.to(device_)
 model = prepare_model(VGGWithAttention(10), device_, **speed)
 plain_model = VGGWithAttention(10).to(device_)  # for the references: fp32, NCHW
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-train = dict(batch_size=batch_size, amp=amp)
+data = TrainingSet(images_d, labels_d, F.cross_entropy, batch_size, amp=amp)
 
 batches = draw_epoch(num_images, num_images, generator, True, images_d.device)  # augmented outside the timing
 ready = flip_crop(images_d[batches[0].index], batches[0].flips, batches[0].shifts)
@@ -159,9 +159,7 @@ floor = images_per_second(
     lambda: pure_compute(model, ready, labels_d, F.cross_entropy, optimizer), num_images
 )
 record("VGG pure model compute (floor)", floor)
-ours = images_per_second(
-    lambda: train_epoch(model, optimizer, images_d, labels_d, generator, **train), num_images
-)
+ours = images_per_second(lambda: train_epoch(model, optimizer, data, generator), num_images)
 plain_optimizer = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
 baseline = (
     images_per_second(lambda: dataloader_reference(plain_model, images, labels, plain_optimizer), num_images)
@@ -180,14 +178,20 @@ for strategy in ("gradient", "attention", "xgradcam"):
         else None
     )
     record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
-masked = fill_masks(
-    images_d, compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, amp=amp), "black"
+decisive = dict(extent="decisive", labels=labels_d, amp=amp)
+record(
+    "(b) VGG masking, gradient, decisive extent",
+    images_per_second(
+        lambda: compute_masks(model, images_d, "gradient", batch_size=eval_batch_size, **decisive), num_images
+    ),
+)
+masks = compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, amp=amp)
+masked = TrainingSet(
+    masked_images(images_d, masks, "shuffle_union", generator), labels_d, F.cross_entropy, batch_size, amp=amp
 )
 record(
-    "(c) VGG fine-tuning on the masked tensor",
-    images_per_second(
-        lambda: train_epoch(model, optimizer, masked, labels_d, generator, **train), num_images
-    ),
+    "(c) VGG fine-tuning, masks filled per batch",
+    images_per_second(lambda: train_epoch(model, optimizer, masked, generator), num_images),
 )
 record(
     "(d) VGG evaluation",
@@ -208,7 +212,10 @@ if resnet:
         "(a) ResNet50 training",
         images_per_second(
             lambda: train_epoch(
-                r_model, r_optimizer, r_images, r_labels, generator, batch_size=r_batch, amp=amp
+                r_model,
+                r_optimizer,
+                TrainingSet(r_images, r_labels, F.binary_cross_entropy_with_logits, r_batch, amp=amp),
+                generator,
             ),
             resnet_images,
         ),

@@ -30,6 +30,7 @@ from masktune.masking import compute_masks, fill_masks, mask_settings
 from masktune.metrics import group_accuracy, per_class_accuracy
 from masktune.plots import save_grouped_bars
 from masktune.recipes import check_run_settings, configure
+from masktune.seeds import stream
 from masktune.shortcuts import evaluation_sets
 from models import VGGWithAttention
 
@@ -57,7 +58,11 @@ def logits_of(images: torch.Tensor) -> dict:
 
 
 # every model on the test set: clean, with the ERM model's masks blacked out, and with and against a shortcut
-test_sets = evaluation_sets(test_set, run, run["seed"] + 1000) if run["shortcut"] else {"clean": test_set}
+test_sets = (
+    evaluation_sets(test_set, run, stream(run["seed"], "test_sets"))
+    if run["shortcut"]
+    else {"clean": test_set}
+)
 logits = {k: logits_of(s.images) for k, s in test_sets.items()}
 masks = compute_masks(
     models["initial"],
@@ -65,7 +70,7 @@ masks = compute_masks(
     run["masking"],
     batch_size=eval_batch_size,
     labels=labels,
-    generator=torch.Generator().manual_seed(run["seed"] + 4),
+    generator=stream(run["seed"], "mask_partners"),
     **mask_settings(run),
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))
@@ -95,7 +100,9 @@ def shortcut_metrics(sets: dict, set_logits: dict, name: str, prefix: str) -> di
 
 
 if run["shortcut"]:  # the same on the validation images: the numbers to tune on
-    val_sets = evaluation_sets(replace(val_set, images=val_set.unmarked), run, run["seed"] + 1001)
+    val_sets = evaluation_sets(
+        replace(val_set, images=val_set.unmarked), run, stream(run["seed"], "val_sets")
+    )
     val_logits = {k: logits_of(s.images) for k, s in val_sets.items()}
     for name in models:
         results[name].update(shortcut_metrics(test_sets, logits, name, ""))

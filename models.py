@@ -199,4 +199,3 @@ class AttentionMaskingResNet50(ResNet50):
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc((features * torch.sigmoid(self.mask_generator(features))).mean((2, 3)))
-

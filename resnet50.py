@@ -26,23 +26,17 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
 from masktune.device import pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main
-from masktune.engine import (
-    FINETUNE_SCHEDULES,
-    accuracy,
-    finetune_length,
-    finetune_lr,
-    predict,
-    train,
-    weights_sha1,
-)
-from masktune.masking import FILLS, STRATEGIES, compute_masks, fill_masks, mask_settings, random_masks_like
+from masktune.engine import predict
+from masktune.masking import STRATEGIES
 from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
+from masktune.pipeline import Run, check_training_settings, masks_sha1
 from masktune.recipes import configure
 from models import AttentionMaskingResNet50, ResNet50
 
@@ -92,10 +86,8 @@ compile_model = False  # torch.compile the models: compilation takes a while, pa
 # MaskTune
 masking = "gradient"  # "gradient", "attention" or "xgradcam" (input masks, see masking.py), or "feature"
 # (the report's learned feature mask)
-mask_extent = (
-    "fixed"  # "decisive": per image, the smallest top region the prediction follows (see masking.py);
-)
-# "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam)
+mask_extent = "fixed"  # "decisive": per image, the smallest top region the prediction follows; "fixed":
+# mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_quantile = 0.95  # fixed extent: pixels above this per-image quantile of the map (5%;
 # vgg.py's 3% was chosen on small markers, and CelebA's and Waterbirds' shortcuts are large)
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
@@ -111,16 +103,9 @@ controls = True  # also the no-mask (and, for input masks, the random-mask) fine
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
 
 config = configure(globals())
-check(batch_size > 0 and eval_batch_size > 0, "batch sizes must be positive")
-check(num_epochs > 0 and finetune_epochs > 0, "num_epochs and finetune_epochs must be positive")
-check(learning_rate > 0 and finetune_learning_rate > 0, "learning rates must be positive")
-check(0 <= momentum < 1 and weight_decay >= 0, "momentum must be in [0, 1), weight_decay >= 0")
+check_training_settings(config, (*STRATEGIES, "feature"))
+check(finetune_epochs > 0, "finetune_epochs must be positive")
 check_choice("dataset", dataset, ("auto", "celeba", "waterbirds", "folder"))
-check_choice("masking", masking, (*STRATEGIES, "feature"))
-check_choice("mask_fill", mask_fill, FILLS)
-saliency_settings = dict(mask_settings(config), amp=amp)
-check_choice("finetune_from", finetune_from, ("best", "last"))
-check_choice("finetune_schedule", finetune_schedule, FINETUNE_SCHEDULES)
 check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")
 ensure_writable_dir(checkpoint_dir)
@@ -128,8 +113,22 @@ ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
 generator = seed_everything(seed)
 
+
+def training_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of every training stage; edit it to train with another (the metrics do not use it). CelebA's
+    attributes are 0/1 labels: binary cross-entropy; classes: cross-entropy."""
+    if labels.is_floating_point():
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.cross_entropy(logits, labels)
+
+
+def new_optimizer(model) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+
+
 # ---------------------------------------------------------------------------------------------------------
 train_set, val_set, test_set = experiment_data(config, fallback="")
+run = Run(config, device_, train_set, val_set, test_set, training_loss, prefix="resnet50")
 multilabel = train_set.labels.is_floating_point()  # CelebA attributes
 print(
     f"data: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test images, "
@@ -137,111 +136,42 @@ print(
     f"({', '.join(train_set.classes[:10])}), {image_size}x{image_size}, "
     f"groups {'known' if test_set.spurious is not None else 'unknown'}, device {device_}"
 )
-train_images, train_labels = train_set.images.to(device_), train_set.labels.to(device_)
-finetune_epochs = finetune_length(len(train_set), batch_size, finetune_epochs, finetune_min_steps)
-epoch_settings = dict(batch_size=batch_size, augment=augment, amp=amp)
 speed = dict(channels_last=channels_last, compile_model=compile_model)
-
-
-def evaluate(model) -> dict:
-    """Accuracy (CelebA: mean attribute accuracy) on the validation and test splits."""
-    return {
-        f"{name}_accuracy": accuracy(
-            predict(model, s.images, batch_size=eval_batch_size, amp=amp, desc=name), s.labels
-        )
-        for name, s in (("val", val_set), ("test", test_set))
-    }
-
-
-def new_optimizer(model) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
-
 
 # 1. ERM ------------------------------------------------------------------------------------------------
 model = prepare_model(ResNet50(len(train_set.classes), pretrained, weights_path), device_, **speed)
 optimizer = new_optimizer(model)
-initial_path, last_path = (os.path.join(checkpoint_dir, f"resnet50_{n}.pt") for n in ("initial", "last"))
 erm_start = time.time()
-train(
-    model,
-    optimizer,
-    train_images,
-    train_labels,
-    epochs=num_epochs,
-    generator=generator,
-    evaluate=evaluate,
-    path=last_path,
-    best_path=initial_path,
-    config=config,
-    resume=resume,
-    desc="ERM",
-    lr_at=lambda done: learning_rate,
-    **epoch_settings,
-)
-erm_best = load_checkpoint(initial_path, "ResNet50")
+erm = run.stage("ERM", "last", best_path=run.path("initial"))
+run.train(model, optimizer, erm, epochs=num_epochs, lr_at=lambda done: learning_rate, generator=generator)
+erm_best = load_checkpoint(run.path("initial"), "ResNet50")
 print(
     f"ERM: best validation epoch {erm_best['epoch']} (validation accuracy, no group labels; the latest on "
     f"ties), {time.time() - erm_start:.0f}s"
 )
-start = erm_best if finetune_from == "best" else load_checkpoint(last_path, "ResNet50")
+start = erm_best if finetune_from == "best" else load_checkpoint(run.path("last"), "ResNet50")
 
 # 2. masking once with the frozen best ERM model, then the fine-tunes -------------------------------------
-if masking == "feature":  # the report's learned feature mask: a new module, so a fresh optimizer for it
-    variants = {"finetuned": train_images, **({"nomask": train_images} if controls else {})}
+if masking == "feature":  # the report's learned feature mask: the clean images, a new module
+    variants = {"finetuned": run.train_images, **({"nomask": run.train_images} if controls else {})}
+    extra = {}
 else:
-    load_weights(model, erm_best, initial_path)
-    masks = compute_masks(
-        model,
-        train_images,
-        masking,
-        batch_size=eval_batch_size,
-        labels=train_labels,
-        generator=torch.Generator().manual_seed(seed + 4),
-        multilabel=multilabel,
-        **saliency_settings,
-    )
+    load_weights(model, erm_best, run.path("initial"))
+    masks = run.masks(model)
     print(
-        f"masking ({masking}, {mask_fill} fill): {100 * masks.float().mean():.2f}% of training pixels masked"
+        f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.float().mean():.2f}% of "
+        "training pixels masked"
     )
-    masks_of = {"finetuned": masks}
-    if controls:
-        masks_of.update(
-            nomask=torch.zeros_like(masks),
-            randommask=random_masks_like(masks, torch.Generator().manual_seed(seed + 3)),
-        )
-    variants = {
-        name: fill_masks(train_images, m, mask_fill, torch.Generator().manual_seed(seed + 2))
-        for name, m in masks_of.items()
-    }
+    variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}
 for name, images in variants.items():
-    if masking == "feature" and name == "finetuned":
-        net = prepare_model(
-            AttentionMaskingResNet50.from_resnet(load_weights(ResNet50(len(train_set.classes)), start)),
-            device_,
-            **speed,
-        )
-        net_optimizer = new_optimizer(net)
-    else:
-        net = prepare_model(load_weights(ResNet50(len(train_set.classes)), start), device_, **speed)
-        net_optimizer = new_optimizer(net)
-        if masking != "feature":  # the paper continues the ERM optimizer; the report's variant starts afresh
-            net_optimizer.load_state_dict(start["optimizer"])
-    train(
-        net,
-        net_optimizer,
-        images,
-        train_labels,
-        epochs=finetune_epochs,
-        generator=torch.Generator().manual_seed(seed + 1),
-        evaluate=evaluate,
-        path=os.path.join(checkpoint_dir, f"resnet50_{name}.pt"),
-        config=config,
-        resume=resume,
-        desc=f"fine-tune {name}",
-        extra={"start_weights_sha1": weights_sha1(net)},
-        lr_at=finetune_lr(finetune_learning_rate, finetune_epochs, finetune_schedule),
-        **epoch_settings,
-    )
+    net = load_weights(ResNet50(len(train_set.classes)), start)
+    if masking == "feature" and name == "finetuned":  # ERM backbone and classifier, plus a learned mask
+        net = AttentionMaskingResNet50.from_resnet(net)
+    net = prepare_model(net, device_, **speed)
+    net_optimizer = new_optimizer(net)
+    if masking != "feature":  # the paper continues the ERM optimizer; the report's variant starts afresh
+        net_optimizer.load_state_dict(start["optimizer"])
+    run.fine_tune(net, net_optimizer, name, images, extra=extra)
 
 # 3. evaluation on the test split -------------------------------------------------------------------------
 models, _ = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))

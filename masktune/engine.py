@@ -1,14 +1,19 @@
 """The loops every script shares: ``train_epoch``, ``predict``, and ``train``, which runs epochs with
-checkpoints, resumption and best-epoch selection (for ERM and for every fine-tune)."""
+checkpoints, resumption and best-epoch selection (for ERM and for every fine-tune).
+
+What an epoch trains on is a ``TrainingSet``: the images and labels, the loss the script hands in (the one
+place to change the training objective), the batch size, augmentation and precision. The accuracies it
+reports come from ``correct_predictions``, which does not depend on the loss.
+"""
 
 import hashlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from masktune.batches import draw_epoch, flip_crop, in_order
 from masktune.checkpoint import load_weights, resumable, save_checkpoint
@@ -19,58 +24,68 @@ from masktune.distributed import batch_slice, gather_rows, my_range, sum_all, wr
 LOG_EVERY = 25  # steps between progress-bar updates: the only times the loop waits for the device
 
 
-def loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and correct predictions (argmax) for class labels; for 0/1 attribute labels (N, A),
-    binary cross-entropy and correct attributes / A. Both stay on the device."""
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many predictions are right, on the device: argmax for class labels; for 0/1 attribute labels
+    (N, A), the correct attributes / A of each image."""
     if labels.is_floating_point():
-        correct = ((logits > 0) == (labels > 0.5)).float().mean(1).sum()
-        return F.binary_cross_entropy_with_logits(logits, labels), correct
-    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()
+        return ((logits > 0) == (labels > 0.5)).float().mean(1).sum()
+    return (logits.argmax(1) == labels).sum()
+
+
+@dataclass
+class TrainingSet:
+    """What a training stage sees: uint8 ``images`` (a tensor, or anything that gives a batch of them for an
+    index tensor, such as ``masking.MaskedImages``), their ``labels``, and how to train on them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (float logits, labels) -> a scalar
+    batch_size: int
+    augment: bool = True  # batched flips and crops
+    amp: bool = False  # bf16 autocast where bf16 is native
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: TrainingSet,
     generator: torch.Generator,
-    *,
-    batch_size: int,
     lr_at: Callable[[float], float] | None = None,
-    augment: bool = True,
-    amp: bool = False,
     desc: str = "train",
 ) -> dict:
-    """One epoch over uint8 ``images`` in ``randperm`` order from ``generator``, with batched flips and
-    crops; ``lr_at(fraction of the epoch done)`` sets the learning rate before each step.
+    """One epoch over ``data`` in ``randperm`` order from ``generator``, with batched flips and crops;
+    ``lr_at(fraction of the epoch done)`` sets the learning rate before each step.
 
-    Under torchrun every process draws the same global batch and trains on its slice of it (DDP).
-    ``amp``: bf16 autocast where bf16 is native. A non-finite loss stops the run with a UserError.
+    Under torchrun every process draws the same global batch and trains on its slice of it (DDP). A
+    non-finite loss stops the run with a UserError.
     """
     model.train()
     net = wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     device, start = model_device(model), time.time()
-    batches = draw_epoch(len(images), batch_size, generator, augment, images.device)
+    batches = draw_epoch(len(data), data.batch_size, generator, data.augment, data.images.device)
     order_sha1 = hashlib.sha1(torch.cat([b.index for b in batches]).cpu().numpy().tobytes()).hexdigest()
-    totals, seen = (
-        torch.zeros(2, dtype=torch.float64, device=device),
-        0,
-    )  # loss sum and correct, on the device
+    totals, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # loss sum and correct, on device
     bar = progress(batches, desc=desc)
     for step, batch in enumerate(bar):
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step / len(batches))
-        x = flip_crop(images[batch.index], batch.flips, batch.shifts) if augment else images[batch.index]
+        x = data.images[batch.index]
+        x = flip_crop(x, batch.flips, batch.shifts) if data.augment else x
         x = batch_slice(x).to(device, non_blocking=True)  # this process's share of the global batch
-        y = batch_slice(labels[batch.index]).to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits, _ = net(x)
-        loss, correct = loss_and_correct(logits.float(), y)
+        y = batch_slice(data.labels[batch.index]).to(device, non_blocking=True)
+        with autocast(device, data.amp):
+            logits = net(x)[0].float()
+        loss = data.loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals += torch.stack([loss.detach().double() * len(y), correct.double()])
+        totals += torch.stack(
+            [loss.detach().double() * len(y), correct_predictions(logits.detach(), y).double()]
+        )
         seen += len(y)
         if (step + 1) % LOG_EVERY == 0 or step + 1 == len(batches):  # a host sync, so not at every step
             loss_sum, correct_sum = totals.tolist()
@@ -105,7 +120,7 @@ def predict(
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return loss_and_correct(logits, labels.to(logits.device))[1].item() / max(len(labels), 1)
+    return correct_predictions(logits, labels.to(logits.device)).item() / max(len(labels), 1)
 
 
 def weights_sha1(model: nn.Module) -> str:
@@ -127,72 +142,78 @@ def format_stats(stage: str, stats: dict) -> str:
     return f"{stage}: loss {stats['loss']:.4f}, " + ", ".join(parts) + f", {stats['seconds']:.0f}s"
 
 
+@dataclass
+class Stage:
+    """One training stage of a run (ERM, or one fine-tune): its name, the checkpoint it writes after every
+    epoch (and, with ``best_path``, the best validation epoch's), the run's config that the checkpoints
+    record, whether to resume, and ``extra`` facts to store beside the metrics."""
+
+    name: str
+    path: str
+    config: dict
+    resume: bool = False
+    best_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: TrainingSet,
+    stage: Stage,
     *,
     epochs: int,
+    lr_at: Callable[[float], float],
     generator: torch.Generator,
     evaluate: Callable[[nn.Module], dict],
-    path: str,
-    config: dict,
-    resume: bool,
-    desc: str,
-    best_path: str = "",
-    extra: dict | None = None,
-    lr_at: Callable[[float], float] | None = None,
-    **epoch_settings,
 ) -> list[dict]:
     """Train for ``epochs`` (``lr_at(epochs done)`` gives the learning rate), evaluating after each one;
     return the per-epoch history.
 
-    After every epoch the full state (weights, optimizer, data-order generator, history, ``extra``) goes to
-    ``path``, atomically: Ctrl-C or a crash keeps the last finished epoch, and ``resume`` continues from it
-    (bit for bit on a CPU; on CUDA up to cuDNN's non-deterministic kernels); a finished stage is not trained
-    again. With ``best_path``, the epoch with the best validation accuracy also goes there; on ties the later
-    epoch wins (on biased data validation accuracy saturates early, and the earliest epoch at the ceiling is a
-    poor model to start from).
+    After every epoch the full state (weights, optimizer, data-order generator, history, ``stage.extra``)
+    goes to ``stage.path``, atomically: Ctrl-C or a crash keeps the last finished epoch, and
+    ``stage.resume`` continues from it (bit for bit on a CPU; on CUDA up to cuDNN's non-deterministic
+    kernels); a finished stage is not trained again. With ``stage.best_path``, the epoch with the best
+    validation accuracy also goes there; on ties the later epoch wins (on biased data validation accuracy
+    saturates early, and the earliest epoch at the ceiling is a poor model to start from).
     """
     history, best, first = [], -1.0, 0
-    state = resumable(path, config) if resume else None
+    state = resumable(stage.path, stage.config) if stage.resume else None
     if state is not None:
-        load_weights(model, state, path)
+        load_weights(model, state, stage.path)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator_state"])
         history, best, first = state["metrics"]["history"], state["best"], state["epoch"]
         action = "done before, kept" if first >= epochs else f"resuming after epoch {first} from"
-        print(f"{desc}: {action} {path}")
+        print(f"{stage.name}: {action} {stage.path}")
     for epoch in range(first, epochs):
-        name = f"{desc} epoch {epoch + 1}/{epochs}"
+        name = f"{stage.name} epoch {epoch + 1}/{epochs}"
         stats = train_epoch(
-            model,
-            optimizer,
-            images,
-            labels,
-            generator,
-            desc=name,
-            lr_at=(lambda done, epoch=epoch: lr_at(epoch + done)) if lr_at else None,
-            **epoch_settings,
+            model, optimizer, data, generator, lambda done, epoch=epoch: lr_at(epoch + done), desc=name
         )
         stats.update(evaluate(model))
         history.append({"epoch": epoch + 1, **stats})
         print(format_stats(name, stats))
         score = stats.get("val_accuracy", stats.get("test_accuracy"))
-        if best_path and score >= best:
+        if stage.best_path and score >= best:
             best = score
             save_checkpoint(
-                best_path, model, optimizer, config, epoch + 1, {**stats, "history": history}, stage=desc
+                stage.best_path,
+                model,
+                optimizer,
+                stage.config,
+                epoch + 1,
+                {**stats, "history": history},
+                stage=stage.name,
             )
         save_checkpoint(
-            path,
+            stage.path,
             model,
             optimizer,
-            config,
+            stage.config,
             epoch + 1,
-            {**(extra or {}), **stats, "history": history},
-            stage=desc,
+            {**stage.extra, **stats, "history": history},
+            stage=stage.name,
             best=best,
             generator_state=generator.get_state(),
         )

@@ -23,6 +23,8 @@ random place (the random-mask control). ``fill_masks`` replaces the masked pixel
 or from a random other image (``shuffle_union``, ``shuffle``, ``swap``).
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -324,10 +326,46 @@ def _centroids(masks: torch.Tensor) -> torch.Tensor:
 FILLS = ("shuffle_union", "shuffle", "swap", "black")
 
 
-def fill_masks(
+@dataclass
+class MaskedImages:
+    """uint8 images whose masked pixels are replaced batch by batch, as they are drawn (no filled copy of
+    the training set is kept): ``masked[index]`` gives the images at ``index`` with their masks filled, and
+    ``masked[:]`` all of them. ``partners[i]``: the image whose pixels fill image i's mask (see
+    ``fill_masks``)."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    masks: torch.Tensor  # (N, H, W) bool, on the images' device
+    fill: str
+    partners: torch.Tensor | None = None  # (N,) int64 on the images' device; None for "black"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        images, masks = self.images[index], self.masks[index]
+        if self.fill == "black":
+            return torch.where(
+                masks[:, None], torch.zeros((), dtype=images.dtype, device=images.device), images
+            )
+        partner = self.partners[index]
+        source = self.images[partner]
+        if self.fill == "shuffle_union":
+            masks = masks | self.masks[partner]
+        elif self.fill == "swap":
+            offset = (_centroids(masks) - _centroids(self.masks[partner])).round().long()
+            source = _shift(source, offset[:, 0], offset[:, 1])
+        return torch.where(masks[:, None], source, images)
+
+
+def masked_images(
     images: torch.Tensor, masks: torch.Tensor, fill: str, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """uint8 images with their masked pixels replaced; a new tensor.
+) -> MaskedImages:
+    """``images`` with ``masks`` filled as ``fill`` says, each from a random other image drawn with
+    ``generator`` (one ``randperm``: the same generator state gives every variant the same pairing).
 
     shuffle_union  the pixels of a random other image, over this image's mask and over that image's: what
                    the model relied on in either image is shown at random with respect to the label, even
@@ -342,12 +380,14 @@ def fill_masks(
     check_choice("mask_fill", fill, FILLS)
     masks = masks.to(images.device)
     if fill == "black":
-        return torch.where(masks[:, None], torch.zeros((), dtype=images.dtype, device=images.device), images)
-    partner = torch.randperm(len(images), generator=generator).to(images.device)
-    source = images[partner]
-    if fill == "shuffle_union":
-        masks = masks | masks[partner]
-    elif fill == "swap":
-        offset = (_centroids(masks) - _centroids(masks[partner])).round().long()
-        source = _shift(source, offset[:, 0], offset[:, 1])
-    return torch.where(masks[:, None], source, images)
+        return MaskedImages(images, masks, fill)
+    return MaskedImages(
+        images, masks, fill, torch.randperm(len(images), generator=generator).to(images.device)
+    )
+
+
+def fill_masks(
+    images: torch.Tensor, masks: torch.Tensor, fill: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 images with their masked pixels replaced (see ``masked_images``): a new tensor."""
+    return masked_images(images, masks, fill, generator)[:]

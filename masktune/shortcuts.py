@@ -202,10 +202,9 @@ def marker_names(classes: list, mode: str) -> list[str]:
     return ["marker"] if mode == "first" else [f"marker {c}" for c in classes]
 
 
-def plant(images: ImageSet, config: dict, seed: int) -> ImageSet:
-    """``images`` (of ``base_images``) with the shortcut planted as in training; the unmarked images are kept
-    beside them."""
-    generator = torch.Generator().manual_seed(seed)
+def plant(images: ImageSet, config: dict, generator: torch.Generator) -> ImageSet:
+    """``images`` (of ``base_images``) with the shortcut planted as in training, drawn with ``generator``;
+    the unmarked images are kept beside them."""
     marker = training_markers(images.labels, len(images.classes), config, generator)
     return replace(
         images,
@@ -225,11 +224,10 @@ def marker_coverage(masks: torch.Tensor, images: ImageSet) -> dict:
     return {"mean": hidden.mean().item(), "at_least_half": (hidden >= 0.5).float().mean().item()}
 
 
-def evaluation_sets(images: ImageSet, config: dict, seed: int) -> dict[str, ImageSet]:
+def evaluation_sets(images: ImageSet, config: dict, generator: torch.Generator) -> dict[str, ImageSet]:
     """clean, aligned and conflicting versions of a set of unmarked images (of ``base_images``; see the
     module docstring)."""
     num_classes, labels = len(images.classes), images.labels
-    generator = torch.Generator().manual_seed(seed)
     if config["shortcut_classes"] == "first":
         aligned = torch.where(labels == 0, 0, -1)
         conflicting = torch.where(labels == 0, -1, 0)

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from masktune import engine
 from masktune.checkpoint import load_checkpoint
 from masktune.console import UserError
-from masktune.engine import train, train_epoch
+from masktune.engine import Stage, TrainingSet, train, train_epoch
 from models import ResNet50, VGGWithAttention
 
 
@@ -31,7 +32,8 @@ def test_the_loop_waits_for_the_device_only_at_logging_intervals(monkeypatch):
             lambda self, *a, _f=original, _m=method, **k: (reads.append(_m), _f(self, *a, **k))[1],
         )
     monkeypatch.setattr(engine, "LOG_EVERY", 4)
-    stats = train_epoch(model, optimizer, images, labels, torch.Generator().manual_seed(0), batch_size=8)
+    data = TrainingSet(images, labels, F.cross_entropy, batch_size=8)
+    stats = train_epoch(model, optimizer, data, torch.Generator().manual_seed(0))
     steps = 20
     # reads of the batch order (its fingerprint), one per logging interval, one at the end: not one per step
     assert len(reads) <= 2 + math.ceil(steps / 4) + 1, reads
@@ -44,7 +46,7 @@ def test_a_diverging_loss_stops_with_a_clear_error():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e6)
     with pytest.raises(UserError, match="the loss became .* lower the learning rate"):
         for _ in range(3):
-            train_epoch(model, optimizer, images, labels, torch.Generator().manual_seed(0), batch_size=16)
+            train_epoch(model, optimizer, TrainingSet(images, labels, F.cross_entropy, 16), torch.Generator())
 
 
 def run_stage(tmp_path, epochs: int, resume: bool, stop_after: int | None = None, scores=None):
@@ -65,17 +67,12 @@ def run_stage(tmp_path, epochs: int, resume: bool, stop_after: int | None = None
     train(
         model,
         optimizer,
-        images,
-        labels,
+        TrainingSet(images, labels, F.cross_entropy, batch_size=16),
+        Stage("ERM", str(tmp_path / "last.pt"), {"seed": 0}, resume, best_path=str(tmp_path / "best.pt")),
         epochs=epochs,
+        lr_at=lambda done: 0.01,
         generator=torch.Generator().manual_seed(0),
         evaluate=evaluate,
-        path=str(tmp_path / "last.pt"),
-        best_path=str(tmp_path / "best.pt"),
-        config={"seed": 0},
-        resume=resume,
-        desc="ERM",
-        batch_size=16,
     )
     return model
 
@@ -125,3 +122,23 @@ def test_fine_tuning_schedules_by_hand():
     assert one_cycle(0.5) == pytest.approx(0.01 * 0.501) and one_cycle(1.0) == pytest.approx(0.01)
     assert one_cycle(2.5) == pytest.approx(0.01 * 1.5 / 3)
     assert engine.finetune_length(3600, 128, 1, 500) == 18 and engine.finetune_length(45000, 128, 1, 500) == 2
+
+
+def test_the_loss_is_the_scripts_and_the_accuracy_does_not_depend_on_it():
+    """A loss handed to the loop is what it trains with (here: a constant, so no weight moves), and the
+    reported accuracy is still the plain accuracy of the predictions."""
+    images, labels = tiny_data()
+    model = VGGWithAttention(10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def no_signal(logits, labels):
+        return (logits * 0).sum() + 7.0
+
+    stats = train_epoch(
+        model, optimizer, TrainingSet(images, labels, no_signal, 16, augment=False), torch.Generator()
+    )
+    assert stats["loss"] == pytest.approx(7.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    predicted = model.eval()(images)[0].argmax(1)
+    assert stats["train_accuracy"] == pytest.approx((predicted == labels).float().mean().item())

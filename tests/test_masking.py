@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import PATCH, patch_corner, planted_images
 from masktune.console import UserError
 from masktune.device import prepare_model
-from masktune.engine import accuracy, predict, train_epoch
+from masktune.engine import TrainingSet, accuracy, predict, train_epoch
 from masktune.masking import (
     box_filter,
     compute_masks,
@@ -222,7 +223,9 @@ def planted_model():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True)
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):
-        train_epoch(model, optimizer, images, labels, generator, batch_size=32, augment=False)
+        train_epoch(
+            model, optimizer, TrainingSet(images, labels, F.cross_entropy, 32, augment=False), generator
+        )
     test_labels = torch.arange(200) % 10
     test_images = torch.from_numpy(planted_images(test_labels.numpy(), rng))
     assert accuracy(predict(model, test_images, batch_size=100), test_labels) > 0.9

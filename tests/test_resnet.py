@@ -274,7 +274,9 @@ def test_feature_masking_on_the_torchvision_celeba_layout(tmp_path):
 def test_resnet_input_masks_cover_a_planted_feature_in_an_image_folder(tmp_path):
     """A ResNet50 trained briefly on an image folder where only a bright square (top left) tells "marked"
     from "plain": its XGradCAM masks fall on the square."""
-    from masktune.engine import accuracy, predict, train_epoch
+    import torch.nn.functional as F
+
+    from masktune.engine import TrainingSet, accuracy, predict, train_epoch
     from masktune.masking import compute_masks
 
     rng = np.random.default_rng(0)
@@ -291,15 +293,8 @@ def test_resnet_input_masks_cover_a_planted_feature_in_an_image_folder(tmp_path)
     model = ResNet50(2)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(2):
-        train_epoch(
-            model,
-            optimizer,
-            train.images,
-            train.labels,
-            torch.Generator().manual_seed(0),
-            batch_size=16,
-            augment=False,
-        )
+        data = TrainingSet(train.images, train.labels, F.cross_entropy, batch_size=16, augment=False)
+        train_epoch(model, optimizer, data, torch.Generator().manual_seed(0))
     for layer in model.modules():  # a few steps leave BatchNorm's running statistics far off: recompute them
         if isinstance(layer, torch.nn.BatchNorm2d):
             layer.reset_running_stats()

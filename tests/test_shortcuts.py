@@ -132,7 +132,7 @@ def test_evaluation_sets_from_unmarked_images(cifar_dir):
     assert torch.cat(
         [train.spurious == train.labels, val.spurious == val.labels]
     ).float().mean() == pytest.approx(0.9, abs=0.02)
-    sets = evaluation_sets(test, CONFIG, 1000)
+    sets = evaluation_sets(test, CONFIG, torch.Generator().manual_seed(1000))
     assert torch.equal(sets["clean"].images, test.images) and (sets["clean"].spurious == -1).all()
     assert torch.equal(sets["aligned"].spurious, test.labels)
     assert (sets["conflicting"].spurious != test.labels).all()
@@ -161,7 +161,7 @@ def test_the_papers_mnist_test_sets(tmp_path):
     assert (train.spurious[one] == 0).sum() == round(0.01 * one.sum().item())
     red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
     assert (train.images[train.spurious == 0][:, :, :4, :4] == red).all()
-    sets = evaluation_sets(test, config, 1000)
+    sets = evaluation_sets(test, config, torch.Generator().manual_seed(1000))
     biased = sets[
         "conflicting"
     ]  # the paper's biased test: the square on every class-1 image, none on class 0
@@ -173,9 +173,11 @@ def test_the_papers_mnist_test_sets(tmp_path):
 
 def test_plant_keeps_the_unmarked_images(cifar_dir):
     train, _, _ = experiment_data({"data_dir": cifar_dir, "seed": 0, "val_fraction": 0.1})
-    planted = plant(train, CONFIG, 5)
+    planted = plant(train, CONFIG, torch.Generator().manual_seed(5))
     assert torch.equal(planted.unmarked, train.images) and not torch.equal(planted.images, train.images)
-    assert torch.equal(planted.images, plant(train, CONFIG, 5).images)  # reproducible for a seed
+    assert torch.equal(
+        planted.images, plant(train, CONFIG, torch.Generator().manual_seed(5)).images
+    )  # reproducible for a seed
 
 
 def grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:

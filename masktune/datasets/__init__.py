@@ -23,6 +23,7 @@ from masktune.datasets.folder import list_image_folder
 from masktune.datasets.mnist import load_mnist
 from masktune.datasets.waterbirds import list_waterbirds
 from masktune.images import ImageSet, split_validation
+from masktune.seeds import stream
 from masktune.shortcuts import base_images, plant
 
 DATASETS = ("auto", "cifar10", "mnist", "folder", "waterbirds", "celeba")
@@ -100,6 +101,6 @@ def experiment_data(config: dict, fallback: str = "cifar10") -> tuple[ImageSet, 
         train, val = split_validation(train, config["val_fraction"], config["seed"])
     if config.get("shortcut"):  # planted in training and validation images alike
         train, val, test = (replace(s, images=base_images(s.images, config)) for s in (train, val, test))
-        train = plant(train, config, config["seed"] + 999)
-        val = plant(val, config, config["seed"] + 998)
+        train = plant(train, config, stream(config["seed"], "train_shortcut"))
+        val = plant(val, config, stream(config["seed"], "val_shortcut"))
     return train, val, test

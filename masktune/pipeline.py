@@ -1,0 +1,284 @@
+"""The MaskTune stages that vgg.py and resnet50.py share, written once: the settings' checks, the
+validation and test accuracy after every epoch, the masks of the training set and the two controls, and
+the fine-tunes from the ERM model's weights and optimizer state.
+
+A ``Run`` holds what every stage needs (the config, the device, the data, the training loss); the scripts
+keep their hyperparameters and read top to bottom as the experiment, calling it at each stage.
+"""
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from masktune.checkpoint import load_checkpoint
+from masktune.console import check, check_choice
+from masktune.distributed import is_main
+from masktune.engine import (
+    FINETUNE_SCHEDULES,
+    Stage,
+    TrainingSet,
+    accuracy,
+    finetune_length,
+    finetune_lr,
+    predict,
+    train,
+    weights_sha1,
+)
+from masktune.images import ImageSet
+from masktune.masking import (
+    FILLS,
+    MaskedImages,
+    compute_masks,
+    mask_settings,
+    masked_images,
+    random_masks_like,
+    saliency_map,
+)
+from masktune.plots import save_image_grid
+from masktune.seeds import stream
+from masktune.shortcuts import evaluation_sets
+
+
+def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
+    """The settings both scripts share, checked (one line per mistake); returns the masking settings for
+    ``compute_masks`` (``strategies``: the saliency maps the script offers)."""
+    check(config["batch_size"] > 0 and config["eval_batch_size"] > 0, "batch sizes must be positive")
+    check(
+        config["num_epochs"] > 0 and config["finetune_epochs"] >= 0,
+        "num_epochs must be positive, finetune_epochs >= 0",
+    )
+    check(
+        config["learning_rate"] > 0 and config["finetune_learning_rate"] > 0,
+        "learning rates must be positive",
+    )
+    check(
+        0 <= config["momentum"] < 1 and config["weight_decay"] >= 0,
+        "momentum must be in [0, 1), weight_decay >= 0",
+    )
+    check_choice("masking", config["masking"], strategies)
+    check_choice("mask_fill", config["mask_fill"], FILLS)
+    check_choice("finetune_from", config["finetune_from"], ("best", "last"))
+    check_choice("finetune_schedule", config["finetune_schedule"], FINETUNE_SCHEDULES)
+    return mask_settings(config)
+
+
+@dataclass
+class Run:
+    """One MaskTune run: its ``config`` (the script's hyperparameters), device, data, the training loss
+    the script hands in, and ``prefix``: its checkpoints are ``checkpoint_dir/{prefix}_{name}.pt``."""
+
+    config: dict
+    device: torch.device
+    train_set: ImageSet
+    val_set: ImageSet
+    test_set: ImageSet
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    prefix: str
+
+    def __post_init__(self):
+        # the training images go to the device once; every stage trains on them or on masked views of them
+        self.train_images = self.train_set.images.to(self.device)
+        self.train_labels = self.train_set.labels.to(self.device)
+        c = self.config
+        # whole epochs until at least finetune_min_steps steps (one epoch of a small set is a few steps)
+        self.finetune_epochs = c["finetune_epochs"] and finetune_length(
+            len(self.train_set), c["batch_size"], c["finetune_epochs"], c["finetune_min_steps"]
+        )
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.config["checkpoint_dir"], f"{self.prefix}_{name}.pt")
+
+    def training_set(self, images: torch.Tensor | MaskedImages | None = None) -> TrainingSet:
+        """The training images (or a masked view of them) with their labels, loss and batch settings."""
+        c = self.config
+        images = self.train_images if images is None else images
+        return TrainingSet(images, self.train_labels, self.loss, c["batch_size"], c["augment"], c["amp"])
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Accuracy on the validation and test sets (CelebA: mean attribute accuracy)."""
+        batch_size, amp = self.config["eval_batch_size"], self.config["amp"]
+        return {
+            f"{name}_accuracy": accuracy(
+                predict(model, s.images, batch_size=batch_size, amp=amp, desc=name), s.labels
+            )
+            for name, s in (("val", self.val_set), ("test", self.test_set))
+        }
+
+    def train(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stage: Stage,
+        *,
+        epochs: int,
+        lr_at: Callable[[float], float],
+        generator: torch.Generator,
+        images: torch.Tensor | MaskedImages | None = None,
+    ) -> list[dict]:
+        """``engine.train`` on the training images (or ``images``, a masked view of them)."""
+        data = self.training_set(images)
+        return train(
+            model,
+            optimizer,
+            data,
+            stage,
+            epochs=epochs,
+            lr_at=lr_at,
+            generator=generator,
+            evaluate=self.evaluate,
+        )
+
+    def stage(self, name: str, file: str, **settings) -> Stage:
+        """The ``Stage`` named ``name`` that writes ``{prefix}_{file}.pt``."""
+        return Stage(name, self.path(file), self.config, self.config["resume"], **settings)
+
+    def masks(self, model: nn.Module) -> torch.Tensor:
+        """The training set's masks from the frozen ``model`` (the best ERM epoch), with the run's masking
+        settings: bool (N, H, W) on the training images' device."""
+        c = self.config
+        return compute_masks(
+            model,
+            self.train_images,
+            c["masking"],
+            batch_size=c["eval_batch_size"],
+            labels=self.train_labels,
+            generator=stream(c["seed"], "mask_partners"),
+            multilabel=self.train_labels.is_floating_point(),
+            amp=c["amp"],
+            **mask_settings(c),
+        )
+
+    def fine_tune_sets(self, masks: torch.Tensor) -> dict[str, MaskedImages]:
+        """What each fine-tune trains on: MaskTune's masks and, with ``controls``, no masks and the same
+        masks moved to random places; every variant with the same pairing of images for the fill, so
+        they differ only in their masks."""
+        c = self.config
+        masks_of = {"finetuned": masks}
+        if c["controls"]:
+            masks_of["nomask"] = torch.zeros_like(masks)
+            masks_of["randommask"] = random_masks_like(masks, stream(c["seed"], "random_masks"))
+        return {
+            name: masked_images(self.train_images, m, c["mask_fill"], stream(c["seed"], "fill_pairing"))
+            for name, m in masks_of.items()
+        }
+
+    def fine_tune(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        images: torch.Tensor | MaskedImages,
+        extra: dict | None = None,
+    ) -> list[dict]:
+        """Fine-tune ``model`` (already holding its start weights) for the run's fine-tuning epochs on
+        ``images``, writing ``{prefix}_{name}.pt``; ``extra`` goes into its checkpoint beside the metrics."""
+        c = self.config
+        masks = images.masks if isinstance(images, MaskedImages) else None
+        facts = {
+            "start_weights_sha1": weights_sha1(model),
+            "finetune_epochs_run": self.finetune_epochs,
+            **({} if masks is None else {"masked_fraction": masks.float().mean().item()}),
+            **(extra or {}),
+        }
+        return self.train(
+            model,
+            optimizer,
+            self.stage(f"fine-tune {name}", name, extra=facts),
+            epochs=self.finetune_epochs,
+            lr_at=finetune_lr(c["finetune_learning_rate"], self.finetune_epochs, c["finetune_schedule"]),
+            generator=stream(c["seed"], "finetune_order"),  # the same batches for every variant
+            images=images,
+        )
+
+
+def masks_sha1(masks: torch.Tensor) -> str:
+    """Fingerprint of a run's masks (to show which masks a fine-tune saw)."""
+    return hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()
+
+
+# the settings that decide a run's data: an ERM model trained with other values saw other images
+DATA_SETTINGS = (
+    "dataset",
+    "seed",
+    "val_fraction",
+    "dry_run",
+    "group_csv",
+    "shortcut",
+    "shortcut_ratio",
+    "shortcut_size",
+    "shortcut_position",
+    "shortcut_classes",
+)
+
+
+def reuse_erm(run: Run, erm_dir: str, architecture: str) -> None:
+    """Copy the finished ERM checkpoints of another run on the same data (``erm_dir``) beside this run's, so
+    the fine-tunes and the evaluation scripts find them; one line if they are unfinished or of other data."""
+    names = ("initial", "last")
+    source = [os.path.join(erm_dir, os.path.basename(run.path(n))) for n in names]
+    check(os.path.isfile(source[0]), f"erm_dir {erm_dir!r} has no {os.path.basename(source[0])}")
+    last = load_checkpoint(source[1], architecture, len(run.train_set.classes))
+    theirs = last["config"]
+    check(
+        last["epoch"] == theirs["num_epochs"],
+        f"erm_dir {erm_dir!r} holds an unfinished ERM (epoch {last['epoch']} of {theirs['num_epochs']}): "
+        "finish it with its own command and --resume=True",
+    )
+    differing = [k for k in DATA_SETTINGS if theirs.get(k) != run.config.get(k)]
+    check(
+        not differing,
+        f"erm_dir {erm_dir!r} holds an ERM trained on other data: "
+        + ", ".join(f"{k}={theirs.get(k)!r}" for k in differing),
+    )
+    if is_main() and os.path.abspath(erm_dir) != os.path.abspath(run.config["checkpoint_dir"]):
+        for path, name in zip(source, names):
+            shutil.copyfile(path, run.path(name))
+
+
+class WhyFigure:
+    """why.png: on eight training images, the ERM model's heatmap, the mask and what the fine-tune sees;
+    on eight test images (with a planted shortcut: images whose marker is another class's), where the ERM
+    and the MaskTune models look. Built in two steps: with the ERM model, then with the fine-tuned one."""
+
+    def __init__(self, run: Run, erm_model: nn.Module, masks: torch.Tensor):
+        c = run.config
+        self.run, self.masks = run, masks
+        self.settings = dict(smoothing=c["gradient_smoothing"], amp=c["amp"])
+        self.examples = torch.randperm(len(run.train_images), generator=stream(c["seed"], "erm"))[:8]
+        self.shown = (
+            evaluation_sets(run.test_set, c, stream(c["seed"], "test_sets"))["conflicting"]
+            if c.get("shortcut")
+            else run.test_set
+        )
+        self.shown_index = torch.randperm(len(self.shown), generator=stream(c["seed"], "erm"))[:8]
+        self.shown_images = self.shown.images[self.shown_index].to(run.device)
+        self.erm_heatmaps = self.heatmaps(erm_model, run.train_images[self.examples])
+        self.erm_shown_heatmaps = self.heatmaps(erm_model, self.shown_images)
+
+    def heatmaps(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return saliency_map(model, images, self.run.config["masking"], **self.settings)
+
+    def save(self, path: str, tuned_model: nn.Module, seen: MaskedImages) -> None:
+        run, examples = self.run, self.examples
+        mask_pictures = self.masks[examples, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
+        save_image_grid(
+            path,
+            {
+                "training image": (run.train_images[examples], None),
+                "ERM heatmap": (run.train_images[examples], self.erm_heatmaps),
+                "mask": (mask_pictures, None),
+                "fine-tune sees": (seen[examples.to(seen.device)], None),
+                "test image": (self.shown_images, None),
+                "ERM on test": (self.shown_images, self.erm_shown_heatmaps),
+                "MaskTune on test": (self.shown_images, self.heatmaps(tuned_model, self.shown_images)),
+            },
+            titles={
+                "training image": [run.train_set.classes[int(c)] for c in run.train_labels[examples]],
+                "test image": [self.shown.classes[int(c)] for c in self.shown.labels[self.shown_index]],
+            },
+        )
