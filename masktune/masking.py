@@ -192,20 +192,33 @@ def decisive_masks(
     amp: bool = False,
 ) -> torch.Tensor:
     """Per image, the smallest top region of ``cam`` (``DECISIVE_AREAS``) that the prediction follows against
-    a ``partners`` image of another class (see the module docstring); no mask where none does."""
+    a ``partners`` image of another class (see the module docstring); no mask where none does. Each area is
+    tested only on the images still without a mask, and the region replaced only where the region kept
+    alone holds enough probability to pass."""
     with torch.no_grad(), autocast(inputs.device, amp):
         logits = model(inputs)[0].float()
     predicted = logits > 0 if multilabel else logits.argmax(1)
     masks = torch.zeros_like(cam, dtype=torch.bool)
-    found = torch.zeros(len(cam), dtype=torch.bool, device=cam.device)
+    open_ = torch.arange(len(cam), device=cam.device)  # the images still without a mask
     for area in DECISIVE_AREAS:
-        region = top_region(cam, area)
-        shown = region[:, None]
-        kept = prediction_kept(model, torch.where(shown, inputs, partners), predicted, multilabel, amp)
-        replaced = prediction_kept(model, torch.where(shown, partners, inputs), predicted, multilabel, amp)
-        new = ~found & (kept - replaced >= DECISIVE_MARGIN)
-        masks[new] = region[new]
-        found |= new
+        region = top_region(cam[open_], area)[:, None]
+        x, partner, target = inputs[open_], partners[open_], predicted[open_]
+        kept = prediction_kept(model, torch.where(region, x, partner), target, multilabel, amp)
+        candidates = (kept >= DECISIVE_MARGIN).nonzero().flatten()  # replaced >= 0: the others cannot pass
+        replaced = prediction_kept(
+            model,
+            torch.where(region[candidates], partner[candidates], x[candidates]),
+            target[candidates],
+            multilabel,
+            amp,
+        )
+        passed = candidates[kept[candidates] - replaced >= DECISIVE_MARGIN]
+        masks[open_[passed]] = region[passed, 0]
+        still_open = torch.ones(len(open_), dtype=torch.bool, device=cam.device)
+        still_open[passed] = False
+        open_ = open_[still_open]
+        if len(open_) == 0:
+            break
     return masks
 
 
