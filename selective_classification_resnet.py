@@ -35,6 +35,7 @@ from masktune.selective import (
     classification_scorers,
     compare_scorers,
     format_scorer_table,
+    multilabel_agreement_rule,
     multilabel_scorers,
 )
 from models import AttentionMaskingResNet50, ResNet50
@@ -73,37 +74,9 @@ rules = {}
 if multilabel:
     labels = test_set.labels.bool()
     for n in tuned:
-        pred_i, pred_t = test_out["initial"] > 0.5, test_out[n] > 0.5
-        conf_t = torch.maximum(test_out[n], 1 - test_out[n])
-        agree, correct = pred_i == pred_t, pred_t == labels
-        accept_image = agree.all(1) & (conf_t.min(1).values >= confidence_threshold)
-        accept = agree & (conf_t >= confidence_threshold)
-        k = int(accept_image.sum())
-        rules[RUN_MODELS[n]] = {
-            "image_rule": {
-                "coverage": k / len(labels),
-                "agreement_rate": agree.all(1).float().mean().item(),
-                "exact_match_on_accepted": correct.all(1)[accept_image].float().mean().item()
-                if k
-                else float("nan"),
-            },
-            "attribute_rule": {
-                "coverage": accept.float().mean().item(),
-                "agreement_rate": agree.float().mean().item(),
-                "accuracy_on_accepted": correct[accept].float().mean().item()
-                if accept.any()
-                else float("nan"),
-                "per_attribute": {
-                    a: {
-                        "coverage": accept[:, i].float().mean().item(),
-                        "accuracy_on_accepted": correct[accept[:, i], i].float().mean().item()
-                        if accept[:, i].any()
-                        else float("nan"),
-                    }
-                    for i, a in enumerate(test_set.classes)
-                },
-            },
-        }
+        rules[RUN_MODELS[n]] = multilabel_agreement_rule(
+            test_out["initial"], test_out[n], labels, confidence_threshold, test_set.classes
+        )
     print(f"\nrules at confidence {confidence_threshold}, over all {len(labels)} test images / decisions")
     header = f"{'image rule: exact match':>25}{'coverage':>10}{'attribute rule: acc':>21}{'coverage':>10}"
     print(f"{'ERM +':<22}{header}")

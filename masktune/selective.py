@@ -38,6 +38,43 @@ def agreement_rule(
     }
 
 
+def multilabel_agreement_rule(
+    p_initial: torch.Tensor, p_tuned: torch.Tensor, labels: torch.Tensor, threshold: float, names: list[str]
+) -> dict:
+    """The report's rule for 0/1 attributes, from the two models' probabilities (N, A): per image, accept
+    when the models agree on every attribute and the tuned model's least confident decision is >=
+    ``threshold`` (exact match on accepted); per attribute decision, accept where they agree and the tuned
+    model's confidence in it is >= ``threshold``. Rates are over all images or decisions."""
+    pred_initial, pred_tuned = p_initial > 0.5, p_tuned > 0.5
+    confidence = torch.maximum(p_tuned, 1 - p_tuned)
+    agree, correct = pred_initial == pred_tuned, pred_tuned == labels.bool()
+    accept_image = agree.all(1) & (confidence.min(1).values >= threshold)
+    accept = agree & (confidence >= threshold)
+
+    def rate_on(values: torch.Tensor, where: torch.Tensor) -> float:
+        return values[where].float().mean().item() if where.any() else float("nan")
+
+    return {
+        "image_rule": {
+            "coverage": accept_image.float().mean().item(),
+            "agreement_rate": agree.all(1).float().mean().item(),
+            "exact_match_on_accepted": rate_on(correct.all(1), accept_image),
+        },
+        "attribute_rule": {
+            "coverage": accept.float().mean().item(),
+            "agreement_rate": agree.float().mean().item(),
+            "accuracy_on_accepted": rate_on(correct, accept),
+            "per_attribute": {
+                a: {
+                    "coverage": accept[:, i].float().mean().item(),
+                    "accuracy_on_accepted": rate_on(correct[:, i], accept[:, i]),
+                }
+                for i, a in enumerate(names)
+            },
+        },
+    }
+
+
 def risk_coverage(scores: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coverage and risk (error on accepted) when accepting every sample with score >= each distinct score.
 

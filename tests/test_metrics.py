@@ -14,6 +14,7 @@ from masktune.selective import (
     agreement_rule,
     aurc,
     classification_scorers,
+    multilabel_agreement_rule,
     oracle_risk_coverage,
     risk_coverage,
     selective_at_threshold,
@@ -147,3 +148,18 @@ def test_attribute_metrics_by_hand():
     # groups of A: (1,1): rows 0,1 -> 1/2; (0,0): rows 2,3 -> 1/2; (1,0): row 4 -> 1
     assert g["per_group"] == {"A=0,Male=0": 0.5, "A=1,Male=0": 1.0, "A=1,Male=1": 0.5}
     assert g["worst_group_accuracy"] == 0.5
+
+
+def test_multilabel_agreement_rule_by_hand():
+    """Three images, two attributes. Image 0: the models agree on both, the tuned one is sure and right;
+    image 1: they agree, but one decision is unsure (0.6 < 0.7); image 2: they disagree on attribute B."""
+    p_initial = torch.tensor([[0.9, 0.1], [0.8, 0.3], [0.9, 0.2]])
+    p_tuned = torch.tensor([[0.95, 0.05], [0.6, 0.1], [0.9, 0.8]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    rule = multilabel_agreement_rule(p_initial, p_tuned, labels, 0.7, ["A", "B"])
+    image, decision = rule["image_rule"], rule["attribute_rule"]
+    assert image["coverage"] == pytest.approx(1 / 3) and image["exact_match_on_accepted"] == 1.0
+    assert image["agreement_rate"] == pytest.approx(2 / 3)
+    # accepted: (0, A), (0, B), (1, B), (2, A), all right; (1, A) is unsure, on (2, B) they disagree
+    assert decision["coverage"] == pytest.approx(4 / 6) and decision["accuracy_on_accepted"] == 1.0
+    assert decision["per_attribute"]["A"]["coverage"] == pytest.approx(2 / 3)
