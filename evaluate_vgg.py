@@ -74,10 +74,12 @@ masks = compute_masks(
     **mask_settings(run),
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))
+val_logits = logits_of(val_set.images)  # the validation split as the run saw it (shortcut included)
 results = {}
 for name in models:
     prediction, masked_prediction = logits["clean"][name].argmax(1), masked_logits[name].argmax(1)
     results[name] = {
+        "val_accuracy": (val_logits[name].argmax(1) == val_set.labels).float().mean().item(),
         "test_accuracy": (prediction == labels).float().mean().item(),
         "per_class_accuracy": dict(zip(classes, per_class_accuracy(prediction, labels, len(classes)))),
         "masked_test_accuracy": (masked_prediction == labels).float().mean().item(),

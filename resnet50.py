@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
-from masktune.device import pick_device, prepare_model, seed_everything
+from masktune.device import describe_machine, pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main
 from masktune.engine import predict
 from masktune.masking import STRATEGIES
@@ -183,6 +183,7 @@ results = evaluate_predictions(logits, test_set, train_set)
 print(format_evaluation(results, test_set))
 if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"models": results, "config": config, "test_images": len(test_set)}, f, indent=1)
+        facts = {"config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
+        json.dump({"models": results, **facts}, f, indent=1)
     write_predictions(os.path.join(out_dir, "predictions.csv"), logits, test_set)
 print(f"checkpoints in {checkpoint_dir}/, metrics.json and predictions.csv in {out_dir}/")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import DATASETS, experiment_data
-from masktune.device import pick_device, prepare_model, seed_everything
+from masktune.device import describe_machine, pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main, world_size
 from masktune.masking import STRATEGIES
 from masktune.pipeline import Run, WhyFigure, check_training_settings, masks_sha1, reuse_erm
@@ -192,6 +192,7 @@ if is_main():
                 "masks_sha1": masks_sha1(masks),
                 "mask_seconds": mask_seconds,
                 "processes": world_size(),
+                "machine": describe_machine(device_),
                 "results": {k: {m: v for m, v in s.items() if m != "history"} for k, s in results.items()},
             },
             f,

@@ -1,5 +1,7 @@
 """Where and how the computation runs: the device, bf16 autocast, the memory format, and seeding."""
 
+import os
+import platform
 import random
 
 import numpy as np
@@ -68,3 +70,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def describe_machine(device: torch.device) -> str:
+    """The machine a run measured on, for its results: the GPU's name, or the CPU's model and core count,
+    and whether bf16 is native (it changes rounding, and speed)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name}, {os.cpu_count()} cores"
+    return f"{name}{', native bf16' if native_bf16(device) else ''}"

@@ -1,0 +1,202 @@
+"""Print the Markdown tables of RESULTS.md from the runs themselves: every table comes from here, none is
+typed by hand (as BalancingGroups' parse.py and DomainBed's collect_results.py do).
+
+Each argument is a folder that holds runs: run_seeds.py's out_dir (seed<N>/ folders) or one vgg.py run's
+out_dir, after evaluate_vgg.py (metrics.json beside vgg.py's summary.json). Runs are grouped by benchmark
+(the data set and planted shortcut in their config) and by method (their masking settings), so the same
+folders give the same tables whichever order or launcher produced them; mean +/- std over seeds.
+
+    python collect_results.py out/seeds/cifar_square out/seeds/cifar_square_published
+    python collect_results.py out/seeds/*                # every benchmark, one table each
+    python collect_results.py out/seeds/* --targets      # and each benchmark against the targets
+"""
+
+import glob
+import json
+import os
+import sys
+
+from masktune.console import check, install_error_hook
+from masktune.metrics import mean_std
+
+MODELS = ("ERM", "MaskTune", "no-mask control", "random-mask control")
+SHIFTED = ("clean", "conflicting", "worst_group")  # a planted shortcut's columns, on val and test
+
+
+def benchmark(config: dict) -> str:
+    """The data set and planted shortcut of a run, in words."""
+    data = "MNIST" if config.get("dataset") == "mnist" else os.path.basename(config["data_dir"].rstrip("/"))
+    if not config.get("shortcut"):
+        return f"{data}, no shortcut"
+    marked = ", class 0 only" if config["shortcut_classes"] == "first" else ""
+    return f"{data}, {config['shortcut']} {config['shortcut_size']}{marked}, ratio {config['shortcut_ratio']}"
+
+
+def method(config: dict) -> str:
+    """The masking settings of a run, in words: MaskTune as published, or the settings that differ."""
+    if (
+        config["masking"] == "xgradcam"
+        and config["mask_fill"] == "black"
+        and config["finetune_min_steps"] == 0
+    ):
+        return "as published"
+    extent = config.get("mask_extent", "fixed")
+    size = (
+        f", quantile {config['mask_quantile']}"
+        if extent == "fixed" and config["masking"] != "xgradcam"
+        else ""
+    )
+    return f"{config['masking']}, {extent}{size}, {config['mask_fill']}"
+
+
+def read_runs(folders: list[str]) -> list[dict]:
+    """Every finished run below ``folders``: its config, machine, summary and per-model metrics."""
+    runs = []
+    for folder in folders:
+        paths = sorted(glob.glob(os.path.join(folder, "seed*", "metrics.json")))
+        paths += (
+            [os.path.join(folder, "metrics.json")]
+            if os.path.isfile(os.path.join(folder, "metrics.json"))
+            else []
+        )
+        check(paths, f"{folder!r} holds no metrics.json (run evaluate_vgg.py first)")
+        for path in paths:
+            with open(path) as f:
+                metrics = json.load(f)
+            summary_path = os.path.join(os.path.dirname(path), "summary.json")
+            summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+            config = metrics["run_config"]
+            runs.append(
+                {
+                    "benchmark": benchmark(config),
+                    "method": method(config),
+                    "seed": config["seed"],
+                    "machine": summary.get("machine", "?"),
+                    "coverage": (summary.get("marker_coverage") or {}).get("mean"),
+                    "masked": summary.get("masked_fraction"),
+                    "models": metrics["models"],
+                    "shortcut": bool(config.get("shortcut")),
+                }
+            )
+    return runs
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std([100 * v for v in values])
+    return f"{mean:.2f} +/- {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def rows_of(runs: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """(row label, runs, model): ERM once (from the first method's runs), then each method's MaskTune and
+    the controls of each method that trained them."""
+    methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "as published", m))
+    rows = [("ERM", [r for r in runs if r["method"] == methods[0]], "ERM")]
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m]
+        rows.append((f"MaskTune, {m}", mine, "MaskTune"))
+        for control in MODELS[2:]:
+            if all(control in r["models"] for r in mine):
+                rows.append((f"{control} ({m})", mine, control))
+    return rows
+
+
+def table(runs: list[dict]) -> str:
+    """One benchmark: a row per model, mean +/- std over the seeds of each."""
+    shortcut = runs[0]["shortcut"]
+    if shortcut:
+        columns = [f"{split}{c}" for split in ("val_", "") for c in SHIFTED]
+        header = [
+            "val clean",
+            "val conflicting",
+            "val worst group",
+            "test clean",
+            "test conflicting",
+            "test worst group",
+        ]
+    else:
+        columns, header = ["val_accuracy", "test_accuracy"], ["val", "test"]
+    lines = [
+        "| model | " + " | ".join(header) + " | masks hide | seeds |",
+        "| --- | " + " | ".join("---" for _ in header) + " | --- | --- |",
+    ]
+    for label, mine, model in rows_of(runs):
+        values = [
+            [r["models"][model].get(f"{c}_accuracy", r["models"][model].get(c)) for r in mine]
+            for c in columns
+        ]
+        if not shortcut:  # the validation accuracy of a run without groups is in vgg.py's summary
+            values[0] = [r["models"][model].get("val_accuracy") for r in mine]
+        covered = [r["coverage"] for r in mine if r["coverage"] is not None and model == "MaskTune"]
+        seeds = ", ".join(str(r["seed"]) for r in sorted(mine, key=lambda r: r["seed"]))
+        cells = [cell([v for v in vs if v is not None]) for vs in values]
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {cell(covered) if covered else '–'} | {seeds} |"
+        )
+    machines = sorted({r["machine"] for r in runs})
+    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machines)}."
+
+
+def mean_of(runs: list[dict], model: str, metric: str) -> float:
+    return 100 * mean_std([r["models"][model][metric] for r in runs])[0]
+
+
+def target_rows(name: str, runs: list[dict]) -> list[str]:
+    """The issue's targets for one benchmark, measured on the test split from the defaults' runs (the
+    method that is not "as published"): what was asked, what was measured, met or not."""
+    mine = [r for r in runs if r["method"] != "as published"]
+    if not mine:
+        return []
+    rows = []
+
+    def add(target: str, value: float, met: bool) -> None:
+        rows.append(f"| {name} | {target} | {value:+.2f} | {'met' if met else '**missed**'} |")
+
+    if not mine[0]["shortcut"]:
+        gap = mean_of(mine, "MaskTune", "test_accuracy") - mean_of(mine, "ERM", "test_accuracy")
+        add("test - ERM's >= -0.5", gap, gap >= -0.5)
+        return rows
+    clean, conflicting = (mean_of(mine, "MaskTune", f"{c}_accuracy") for c in ("clean", "conflicting"))
+    worst = mean_of(mine, "MaskTune", "worst_group_accuracy")
+    if name.startswith("MNIST"):
+        add("original (clean) >= 95", clean - 95, clean >= 95)
+        add("biased (conflicting) >= 95", conflicting - 95, conflicting >= 95)
+    elif " scene " in name:
+        for model, margin in (("ERM", 15), ("no-mask control", 5)):
+            gap = conflicting - mean_of(mine, model, "conflicting_accuracy")
+            add(f"conflicting - {model}'s >= {margin}", gap, gap >= margin)
+    elif " colour_cast " not in name:
+        add("clean - conflicting <= 3", clean - conflicting, clean - conflicting <= 3)
+        gap = worst - mean_of(mine, "ERM", "worst_group_accuracy")
+        add("worst group - ERM's >= 30", gap, gap >= 30)
+        gap = clean - mean_of(mine, "ERM", "clean_accuracy")
+        add("clean - ERM's >= -1", gap, gap >= -1)
+    if all("no-mask control" in r["models"] for r in mine):
+        gap = worst - mean_of(mine, "no-mask control", "worst_group_accuracy")
+        add("worst group - no-mask control's >= 0", gap, gap >= 0)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    install_error_hook()
+    targets = "--targets" in argv
+    folders = [a for a in argv if a != "--targets"]
+    check(folders, "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets]")
+    runs = read_runs(folders)
+    names = sorted({r["benchmark"] for r in runs})
+    for name in names:
+        print(f"### {name}\n\n{table([r for r in runs if r['benchmark'] == name])}\n")
+    if targets:
+        print("| benchmark | target (test split, the defaults) | measured | |\n| --- | --- | --- | --- |")
+        print(
+            "\n".join(
+                row
+                for name in names
+                for row in target_rows(name, [r for r in runs if r["benchmark"] == name])
+            )
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
