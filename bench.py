@@ -13,7 +13,7 @@ same model in fp32 and NCHW. ``--amp=False --channels_last=False`` leaves only t
 algorithm to compare.
 
     python bench.py            # about a minute on 2 CPU cores
-    python bench.py --quick    # seconds: a smoke test
+    python bench.py --dry_run=True    # seconds: a smoke test
     python bench.py --amp=False --channels_last=False   # this repo in fp32 NCHW too
 """
 
@@ -41,11 +41,11 @@ resnet_batch_size = 32  # ResNet50 batch size for training, masking and evaluati
 reference = True  # also time the reference implementations
 amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), as in the scripts
 channels_last = True  # NHWC convolutions (CUDA and CPU), as in the scripts
-quick = False  # tiny sizes: checks that everything runs, in seconds
+dry_run = False  # tiny sizes: checks that everything runs, in seconds (no timing to quote)
 seed = 0  # synthetic data and initialisation
 
 config = configure(globals())
-if quick:
+if dry_run:
     num_images, resnet_images, batch_size, eval_batch_size, resnet_image_size = 128, 8, 64, 128, 32
     resnet_batch_size = 8
 device_ = pick_device(device)

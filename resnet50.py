@@ -69,6 +69,7 @@ val_fraction = 0.1  # image folders without val/: training images held out for v
 group_csv = ""  # image folders: group labels of validation and test images (columns: path, group)
 group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded images kept as tensors for the next run
+dry_run = False  # 512 training and 256 test images, one epoch of each stage: checks the set-up in seconds
 pretrained = True  # torchvision's ImageNet weights (downloaded)
 weights_path = ""  # or a local copy of them (resnet50-0676ba61.pth)
 # ERM training
@@ -143,7 +144,7 @@ model = prepare_model(ResNet50(len(train_set.classes), pretrained, weights_path)
 optimizer = new_optimizer(model)
 erm_start = time.time()
 erm = run.stage("ERM", "last", best_path=run.path("initial"))
-run.train(model, optimizer, erm, epochs=num_epochs, lr_at=lambda done: learning_rate, generator=generator)
+run.train(model, optimizer, erm, epochs=run.erm_epochs, lr_at=lambda done: learning_rate, generator=generator)
 erm_best = load_checkpoint(run.path("initial"), "ResNet50")
 print(
     f"ERM: best validation epoch {erm_best['epoch']} (validation accuracy, no group labels; the latest on "

@@ -48,7 +48,7 @@ val_fraction = 0.1  # training images held out to pick the ERM epoch (where the 
 group_csv = ""  # image folders: group labels of validation and test images (columns: path, group)
 group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded image files kept as tensors for the next run
-dry_run = False  # 512 training and 256 test images: checks the pipeline in seconds
+dry_run = False  # 512 training and 256 test images, one epoch of each stage: checks the set-up in seconds
 # planted shortcut (see shortcuts.py): a marker tied to the class on most training images
 shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene" or "colour_cast"
 shortcut_ratio = 0.95  # fraction of each class's training images carrying their own class's marker
@@ -132,7 +132,7 @@ if erm_dir:  # reuse a trained ERM model, e.g. to compare masking settings on th
     print(f"ERM: reusing {erm_dir}")
 else:
     erm = run.stage("ERM", "last", best_path=run.path("initial"))
-    history = run.train(model, optimizer, erm, epochs=num_epochs, lr_at=erm_lr, generator=generator)
+    history = run.train(model, optimizer, erm, epochs=run.erm_epochs, lr_at=erm_lr, generator=generator)
     save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
 erm_best = load_checkpoint(run.path("initial"), "VGGWithAttention", num_classes)

@@ -89,6 +89,9 @@ class Run:
         self.finetune_epochs = c["finetune_epochs"] and finetune_length(
             len(self.train_set), c["batch_size"], c["finetune_epochs"], c["finetune_min_steps"]
         )
+        self.erm_epochs = c["num_epochs"]
+        if c.get("dry_run"):  # one epoch of each stage: checks the set-up in seconds
+            self.erm_epochs, self.finetune_epochs = 1, min(self.finetune_epochs, 1)
 
     def path(self, name: str) -> str:
         return os.path.join(self.config["checkpoint_dir"], f"{self.prefix}_{name}.pt")
@@ -224,9 +227,10 @@ def reuse_erm(run: Run, erm_dir: str, architecture: str) -> None:
     check(os.path.isfile(source[0]), f"erm_dir {erm_dir!r} has no {os.path.basename(source[0])}")
     last = load_checkpoint(source[1], architecture, len(run.train_set.classes))
     theirs = last["config"]
+    epochs = 1 if theirs.get("dry_run") else theirs["num_epochs"]
     check(
-        last["epoch"] == theirs["num_epochs"],
-        f"erm_dir {erm_dir!r} holds an unfinished ERM (epoch {last['epoch']} of {theirs['num_epochs']}): "
+        last["epoch"] == epochs,
+        f"erm_dir {erm_dir!r} holds an unfinished ERM (epoch {last['epoch']} of {epochs}): "
         "finish it with its own command and --resume=True",
     )
     differing = [k for k in DATA_SETTINGS if theirs.get(k) != run.config.get(k)]

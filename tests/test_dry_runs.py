@@ -1,0 +1,70 @@
+"""The fast tier runs every script once with --dry_run=True on tiny synthetic data in the real formats: a
+typo or a broken import in any script fails here in seconds, not in a slow end-to-end test."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_here, write_image_folder
+
+SMALL = ["--dry_run=True", "--batch_size=64", "--eval_batch_size=256"]
+
+
+def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
+    args = [
+        f"--data_dir={cifar_dir}",
+        f"--checkpoint_dir={tmp_path}/ckpt",
+        f"--out_dir={tmp_path}/out",
+        *SMALL,
+    ]
+    run_here("vgg.py", *args, "--shortcut=square", "--mask_extent=decisive", "--controls=False")
+    run_here("evaluate_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out")
+    run_here(
+        "selective_classification_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"
+    )
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["finetune_epochs_run"] == 1 and summary["machine"]
+    for name in ("metrics.json", "selective.json", "why.png", "risk_coverage.png"):
+        assert os.path.getsize(tmp_path / "out" / name) > 0, name
+    table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
+    assert "| ERM |" in table and "| MaskTune, gradient, decisive, shuffle_union |" in table
+    assert "worst group - ERM's >= 30" in table
+
+
+def test_the_resnet_scripts(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), per_class=8, per_class_test=4)
+    args = [
+        f"--data_dir={data}",
+        f"--checkpoint_dir={tmp_path}/ckpt",
+        f"--out_dir={tmp_path}/out",
+        "--image_size=32",
+        "--pretrained=False",
+        "--dry_run=True",
+        "--batch_size=12",
+        "--masking=xgradcam",
+        "--controls=False",
+    ]
+    run_here("resnet50.py", *args)
+    run_here(
+        "selective_classification_resnet.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"
+    )
+    models = json.load(open(tmp_path / "out" / "metrics.json"))["models"]
+    assert set(models) == {"ERM", "MaskTune"}
+
+
+def test_bench():
+    out = run_here("bench.py", "--dry_run=True", "--device=cpu", "--reference=False", "--resnet=False")
+    for stage in (
+        "(a) VGG ERM training",
+        "(b) VGG masking, gradient, decisive extent",
+        "(c) VGG fine-tuning",
+    ):
+        assert stage in out
+
+
+@pytest.mark.slow
+def test_bench_with_resnet50_and_the_references():
+    out = run_here("bench.py", "--dry_run=True", "--device=cpu")
+    for stage in ("(a) ResNet50 training", "(b) ResNet50 masking", "pytorch-grad-cam", "DataLoader+PIL"):
+        assert stage in out
