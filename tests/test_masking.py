@@ -86,7 +86,8 @@ def two_class_images(n: int, region: torch.Tensor, seed: int = 0) -> tuple[torch
 
 def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size():
     """A linear model that reads only a 2x2 corner (4 of 64 pixels): the smallest top region that decides
-    its prediction is that corner (the 6% candidate), on every image."""
+    its prediction is that corner (the 6% candidate), on every image; the mask is the map's top 12%: the
+    corner and the (zero-saliency) rest is left out, so the mask is the corner."""
     corner = torch.zeros(8, 8, dtype=torch.bool)
     corner[:2, :2] = True
     weight = torch.zeros(2, 3, 8, 8)

@@ -193,16 +193,20 @@ def grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> 
         ("moving_square", 6, 2, 200, "all"),
         ("shape", 6, 2, 200, "all"),
         ("square", 4, 2, 200, "first"),
+        ("square", 12, 2, 200, "all"),
+        ("frame", 2, 2, 200, "all"),
     ],
-    ids=["square", "moving_square", "shape", "one_class_square"],
+    ids=["square", "moving_square", "shape", "one_class_square", "12x12_square", "frame"],
 )
 def test_the_default_masktune_stops_following_a_planted_marker(
     tmp_path, kind, size, classes, n_train, marked
 ):
     """On noise images a class's marker (on every training image; ``first``: class 0's marker on class 0
-    only, as in the paper's MNIST) is the only signal. ERM follows it; MaskTune with the default saliency,
-    fill and learning rate (a shortened fine-tune) stops following it. A control run with the masks moved to
-    random places does not: the masks are what removes it."""
+    only, as in the paper's MNIST) is the only signal. ERM follows it; the default masks hide most of it, at
+    its own size (from 1.6% of the image to the 23% of a frame); MaskTune with the default saliency, extent,
+    fill and learning rate stops following it. A control run with the masks moved to random places does
+    not: the masks are what removes it. In fp32 and with enough fine-tuning steps that the margins hold on
+    any CPU."""
     data = write_cifar_pickles(str(tmp_path / "data"), n_train, make_images=grey_noise, classes=classes)
     args = [
         f"--data_dir={data}",
@@ -216,8 +220,9 @@ def test_the_default_masktune_stops_following_a_planted_marker(
         "--shortcut_ratio=1.0",
         f"--shortcut_size={size}",
         "--augment=False",
+        "--amp=False",
         "--eval_batch_size=200",
-        "--finetune_min_steps=30",
+        "--finetune_min_steps=100",
     ]
     run_here("vgg.py", *args)
     run_here("evaluate_vgg.py", *args)
@@ -227,9 +232,8 @@ def test_the_default_masktune_stops_following_a_planted_marker(
     assert masktune["aligned_accuracy"] < erm["aligned_accuracy"] - 0.3  # MaskTune does not
     assert masktune["conflicting_accuracy"] > erm["conflicting_accuracy"] + 0.05
     assert control["aligned_accuracy"] > masktune["aligned_accuracy"] + 0.2
-    summary = json.load(open(tmp_path / "summary.json"))
-    # the masks fall on the marker: they hide far more of it than of the image
-    assert summary["marker_coverage"]["mean"] > 5 * summary["masked_fraction"]
+    coverage = json.load(open(tmp_path / "summary.json"))["marker_coverage"]
+    assert coverage["mean"] > 0.5 and coverage["at_least_half"] > 0.5  # most of the marker, on most images
 
 
 @pytest.mark.slow
