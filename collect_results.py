@@ -178,6 +178,30 @@ def target_rows(name: str, runs: list[dict]) -> list[str]:
     return rows
 
 
+def selective_table(folders: list[str]) -> str:
+    """selective_classification_vgg.py's results, where a run has them: the report's rule and every
+    scorer's AURC (x 100, lower is better), mean +/- std over seeds."""
+    files = [p for f in folders for p in sorted(glob.glob(os.path.join(f, "seed*", "selective.json")))]
+    files += [
+        os.path.join(f, "selective.json")
+        for f in folders
+        if os.path.isfile(os.path.join(f, "selective.json"))
+    ]
+    if not files:
+        return ""
+    results = [json.load(open(p)) for p in files]
+    lines = ["| selective classification (test) | value | seeds |", "| --- | --- | --- |"]
+    for model in results[0]["report_rule"]:
+        for key in ("accuracy_on_accepted", "coverage"):
+            values = [r["report_rule"][model][key] for r in results if model in r["report_rule"]]
+            label = f"the report's rule, ERM + {model}: {key.replace('_', ' ')}"
+            lines.append(f"| {label} | {cell(values)} | {len(values)} |")
+    for row in results[0]["scorers"]:
+        values = [s["aurc"] for r in results for s in r["scorers"] if s["scorer"] == row["scorer"]]
+        lines.append(f"| {row['scorer']}: AURC x 100 | {cell(values)} | {len(values)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     install_error_hook()
     targets = "--targets" in argv
@@ -187,6 +211,9 @@ def main(argv: list[str]) -> None:
     names = sorted({r["benchmark"] for r in runs})
     for name in names:
         print(f"### {name}\n\n{table([r for r in runs if r['benchmark'] == name])}\n")
+    selective = selective_table(folders)
+    if selective:
+        print(f"### Selective classification\n\n{selective}\n")
     if targets:
         print("| benchmark | target (test split, the defaults) | measured | |\n| --- | --- | --- | --- |")
         print(

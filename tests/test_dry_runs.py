@@ -29,7 +29,7 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
         assert os.path.getsize(tmp_path / "out" / name) > 0, name
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
     assert "| ERM |" in table and "| MaskTune, gradient, decisive, shuffle_union |" in table
-    assert "worst group - ERM's >= 30" in table
+    assert "worst group - ERM's >= 30" in table and "AURC x 100" in table
 
 
 def test_the_resnet_scripts(tmp_path):
