@@ -14,7 +14,6 @@ flags as for vgg.py are accepted when they agree with the run, so one command li
 Writes to out_dir: metrics.json, predictions.csv (a row per test image and test set), per_class_accuracy.png.
 """
 
-import csv
 import json
 import os
 from dataclasses import replace
@@ -27,7 +26,7 @@ from masktune.datasets import experiment_data
 from masktune.device import pick_device
 from masktune.engine import predict
 from masktune.masking import compute_masks, fill_masks, mask_settings
-from masktune.metrics import group_accuracy, per_class_accuracy
+from masktune.metrics import group_accuracy, per_class_accuracy, shortcut_metrics, write_predictions
 from masktune.plots import save_grouped_bars
 from masktune.recipes import check_run_settings, configure
 from masktune.seeds import stream
@@ -86,29 +85,15 @@ for name in models:
     }
 
 
-def shortcut_metrics(sets: dict, set_logits: dict, name: str, prefix: str) -> dict:
-    """Accuracy on each set, and over the (class, marker) groups of the aligned and conflicting sets."""
-    correct = {k: set_logits[k][name].argmax(1) == s.labels for k, s in sets.items()}
-    shifted = [k for k in sets if k != "clean"]
-    groups = group_accuracy(
-        torch.cat([correct[k] for k in shifted]), [g for k in shifted for g in sets[k].groups()]
-    )
-    return {
-        **{f"{prefix}{k}_accuracy": c.float().mean().item() for k, c in correct.items()},
-        f"{prefix}worst_group_accuracy": groups["worst_group_accuracy"],
-        f"{prefix}average_group_accuracy": groups["average_group_accuracy"],
-        f"{prefix}groups": groups,
-    }
-
-
 if run["shortcut"]:  # the same on the validation images: the numbers to tune on
     val_sets = evaluation_sets(
         replace(val_set, images=val_set.unmarked), run, stream(run["seed"], "val_sets")
     )
     val_logits = {k: logits_of(s.images) for k, s in val_sets.items()}
     for name in models:
-        results[name].update(shortcut_metrics(test_sets, logits, name, ""))
-        results[name].update(shortcut_metrics(val_sets, val_logits, name, "val_"))
+        for sets, set_logits, prefix in ((test_sets, logits, ""), (val_sets, val_logits, "val_")):
+            correct = {k: set_logits[k][name].argmax(1) == s.labels for k, s in sets.items()}
+            results[name].update(shortcut_metrics(correct, sets, prefix))
 elif test_set.spurious is not None:  # group labels: Waterbirds, or an image folder's group_csv
     for name in models:
         groups = group_accuracy(
@@ -146,32 +131,7 @@ with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         f,
         indent=1,
     )
-with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(
-        [
-            "test_set",
-            "index",
-            "path",
-            "label",
-            "spurious",
-            *[f"{kind}_{n}" for n in names for kind in ("prediction", "confidence")],
-        ]
-    )
-    for set_name, s in test_sets.items():
-        best = {n: logits[set_name][n].softmax(1).max(1) for n in names}
-        spurious = s.spurious.tolist() if s.spurious is not None else [-1] * len(s)
-        for i in range(len(s)):
-            writer.writerow(
-                [
-                    set_name,
-                    int(s.indices[i]),
-                    s.paths[i] if s.paths else "",
-                    int(labels[i]),
-                    spurious[i],
-                    *[v for n in names for v in (int(best[n].indices[i]), f"{best[n].values[i]:.6f}")],
-                ]
-            )
+write_predictions(os.path.join(out_dir, "predictions.csv"), logits, test_sets)
 save_grouped_bars(
     os.path.join(out_dir, "per_class_accuracy.png"),
     classes,

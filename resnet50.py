@@ -187,5 +187,5 @@ if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         facts = {"config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
         json.dump({"models": results, **facts}, f, indent=1)
-    write_predictions(os.path.join(out_dir, "predictions.csv"), logits, test_set)
+    write_predictions(os.path.join(out_dir, "predictions.csv"), {"test": logits}, {"test": test_set})
 print(f"checkpoints in {checkpoint_dir}/, metrics.json and predictions.csv in {out_dir}/")

@@ -157,30 +157,50 @@ def format_evaluation(results: dict, test: ImageSet) -> str:
     return "\n".join(lines)
 
 
-def write_predictions(path: str, logits: dict, test: ImageSet) -> None:
-    """One row per test image: its index, file, label(s), spurious attribute, and every model's outputs
-    (class prediction and confidence, or each attribute's probability)."""
-    multilabel = test.labels.is_floating_point()
-    outputs = {n: z.sigmoid() if multilabel else z.softmax(1).max(1) for n, z in logits.items()}
+def shortcut_metrics(correct: dict[str, torch.Tensor], sets: dict[str, ImageSet], prefix: str = "") -> dict:
+    """A model on a planted shortcut's evaluation sets (``correct``: each set's right predictions): the
+    accuracy on each set, and the (class, marker) groups of the aligned and conflicting sets together."""
+    shifted = [k for k in sets if k != "clean"]
+    groups = group_accuracy(
+        torch.cat([correct[k] for k in shifted]), [g for k in shifted for g in sets[k].groups()]
+    )
+    return {
+        **{f"{prefix}{k}_accuracy": c.float().mean().item() for k, c in correct.items()},
+        f"{prefix}worst_group_accuracy": groups["worst_group_accuracy"],
+        f"{prefix}average_group_accuracy": groups["average_group_accuracy"],
+        f"{prefix}groups": groups,
+    }
+
+
+def write_predictions(path: str, logits: dict[str, dict], sets: dict[str, ImageSet]) -> None:
+    """One row per image of each test set (``logits[set][model]``: that model's outputs on it): the set, the
+    image's index, file, spurious attribute, label(s), and every model's outputs (class prediction and
+    confidence, or each attribute's probability)."""
+    first = next(iter(sets.values()))
+    multilabel = first.labels.is_floating_point()
+    models = list(next(iter(logits.values())))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         if multilabel:
             columns = [
-                *[f"label_{a}" for a in test.classes],
-                *[f"probability_{n}_{a}" for n in logits for a in test.classes],
+                *[f"label_{a}" for a in first.classes],
+                *[f"probability_{n}_{a}" for n in models for a in first.classes],
             ]
         else:
-            columns = ["label", *[f"{kind}_{n}" for n in logits for kind in ("prediction", "confidence")]]
-        writer.writerow(["index", "path", "spurious", *columns])
-        spurious = test.spurious.tolist() if test.spurious is not None else [-1] * len(test)
-        for i in range(len(test)):
-            row = [int(test.indices[i]), test.paths[i] if test.paths else "", spurious[i]]
-            if multilabel:
-                row += [int(v) for v in test.labels[i].tolist()]
-                row += [f"{outputs[n][i, a]:.6f}" for n in logits for a in range(len(test.classes))]
-            else:
-                row += [int(test.labels[i])]
-                row += [
-                    v for n in logits for v in (int(outputs[n].indices[i]), f"{outputs[n].values[i]:.6f}")
-                ]
-            writer.writerow(row)
+            columns = ["label", *[f"{kind}_{n}" for n in models for kind in ("prediction", "confidence")]]
+        writer.writerow(["test_set", "index", "path", "spurious", *columns])
+        for set_name, test in sets.items():
+            z = logits[set_name]
+            outputs = {n: z[n].sigmoid() if multilabel else z[n].softmax(1).max(1) for n in models}
+            spurious = test.spurious.tolist() if test.spurious is not None else [-1] * len(test)
+            for i in range(len(test)):
+                row = [set_name, int(test.indices[i]), test.paths[i] if test.paths else "", spurious[i]]
+                if multilabel:
+                    row += [int(v) for v in test.labels[i].tolist()]
+                    row += [f"{outputs[n][i, a]:.6f}" for n in models for a in range(len(test.classes))]
+                else:
+                    row += [int(test.labels[i])]
+                    row += [
+                        v for n in models for v in (int(outputs[n].indices[i]), f"{outputs[n].values[i]:.6f}")
+                    ]
+                writer.writerow(row)
