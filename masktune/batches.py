@@ -23,7 +23,10 @@ def draw_epoch(
     each batch's flips and crop offsets. Moved to ``device`` in one copy each, so the training loop itself
     sends nothing between host and device."""
     order = torch.randperm(n, generator=generator)
-    index = list(order.to(device).split(batch_size))
+    sizes = [len(part) for part in order.split(batch_size)]
+    if len(sizes) > 1 and sizes[-1] == 1:  # a batch of one image breaks BatchNorm: it joins the one before
+        sizes[-2:] = [sizes[-2] + 1]
+    index = list(order.to(device).split(sizes))
     if not augment:
         return [Batch(i) for i in index]
     draws = [
@@ -31,10 +34,10 @@ def draw_epoch(
             torch.rand(len(i), generator=generator) < 0.5,
             torch.randint(0, 2 * padding + 1, (2, len(i)), generator=generator),
         )
-        for i in order.split(batch_size)
+        for i in order.split(sizes)
     ]
-    flips = torch.cat([f for f, _ in draws]).to(device).split(batch_size)
-    shifts = torch.cat([s for _, s in draws], 1).to(device).split(batch_size, 1)
+    flips = torch.cat([f for f, _ in draws]).to(device).split(sizes)
+    shifts = torch.cat([s for _, s in draws], 1).to(device).split(sizes, 1)
     return [Batch(*b) for b in zip(index, flips, shifts)]
 
 

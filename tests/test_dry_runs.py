@@ -33,7 +33,7 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
 
 
 def test_the_resnet_scripts(tmp_path):
-    data = write_image_folder(str(tmp_path / "data"), per_class=8, per_class_test=4)
+    data = write_image_folder(str(tmp_path / "data"), per_class=5, per_class_test=2)
     args = [
         f"--data_dir={data}",
         f"--checkpoint_dir={tmp_path}/ckpt",

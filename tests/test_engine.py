@@ -142,3 +142,19 @@ def test_the_loss_is_the_scripts_and_the_accuracy_does_not_depend_on_it():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     predicted = model.eval()(images)[0].argmax(1)
     assert stats["train_accuracy"] == pytest.approx((predicted == labels).float().mean().item())
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before():
+    """BatchNorm cannot train on one image: 33 images in batches of 16 are drawn as 16 and 17."""
+    from masktune.batches import draw_epoch
+
+    batches = draw_epoch(33, 16, torch.Generator().manual_seed(0), True, torch.device("cpu"))
+    assert [len(b.index) for b in batches] == [16, 17] and sorted(
+        torch.cat([b.index for b in batches]).tolist()
+    ) == list(range(33))
+    assert [len(b.flips) for b in batches] == [16, 17] and [b.shifts.shape[1] for b in batches] == [16, 17]
+    assert [len(b.index) for b in draw_epoch(34, 16, torch.Generator(), False, torch.device("cpu"))] == [
+        16,
+        16,
+        2,
+    ]
