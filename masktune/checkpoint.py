@@ -49,7 +49,9 @@ def save_checkpoint(
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, rename: ``path`` is never half-written."""
+    """``torch.save`` to a temp file in the same folder, fsync, rename: ``path`` is never half-written. A
+    write that fails (a full disk: ``OSError``, or torch's ``RuntimeError`` from its zip writer) is one
+    ``UserError`` naming ``path``; the files written before it are left as they were."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
@@ -59,9 +61,15 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, (OSError, RuntimeError)):
+            reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines()[0]
+            raise UserError(
+                f"could not write {path}: {reason}; the checkpoints written before are intact: free some "
+                "space and run the same command with --resume=True"
+            ) from error
         raise
 
 

@@ -71,3 +71,26 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert open(path, "rb").read() == before
     assert load_checkpoint(path)["config"] == {"run": 1}
     assert os.listdir(tmp_path) == ["m.pt"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448"),
+    ],
+)
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(tmp_path, monkeypatch, error):
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, VGGWithAttention(10), None, {"run": 1}, 1, {})
+    before = open(path, "rb").read()
+
+    def disk_fills(obj, f):
+        f.write(b"\0" * 512)  # part of the file reaches the disk, then the writer fails as a full disk does
+        raise error
+
+    monkeypatch.setattr(torch, "save", disk_fills)
+    with pytest.raises(UserError, match=f"could not write {path}: .*--resume=True") as raised:
+        save_checkpoint(path, VGGWithAttention(10), None, {"run": 2}, 2, {})
+    assert "\n" not in str(raised.value)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["m.pt"]

@@ -131,6 +131,9 @@ def test_image_folder_errors(tmp_path):
     (bad / "test" / "cat" / "0000.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(UserError, match="cannot read image"):
         load_splits({"data_dir": str(bad), "seed": 0})
+    one = write_image_folder(str(tmp_path / "one"), classes=["cat"], per_class=4, per_class_test=2)
+    with pytest.raises(UserError, match="is of one class \\(cat\\)"):
+        experiment_data({"data_dir": one, "seed": 0, "val_fraction": 0.25})
 
 
 def test_group_csv_gives_groups_and_refuses_unknown_files(tmp_path):

@@ -14,6 +14,7 @@ from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.datasets import experiment_data
 from masktune.device import prepare_model
 from masktune.masking import compute_masks, mask_settings
+from masktune.seeds import stream
 from models import VGGWithAttention
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,8 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         train.images,
         config["masking"],
         batch_size=64,
+        labels=train.labels,
+        generator=stream(config["seed"], "mask_partners"),
         **mask_settings(config),
         amp=config["amp"],
     )
