@@ -4,6 +4,7 @@ import os
 import pytest
 
 from conftest import run_here
+from masktune.console import UserError
 
 
 def test_mean_and_std_over_seeds_from_fixed_numbers(tmp_path):
@@ -51,3 +52,42 @@ def test_mean_and_std_over_seeds_from_fixed_numbers(tmp_path):
     assert summary["SR ERM | AURC"]["mean"] == pytest.approx(0.1)
     assert "| ERM | test accuracy | 82.00 +/- 2.00 |" in open(tmp_path / "seeds.md").read()
     assert not os.path.exists(tmp_path / "ckpt")  # nothing was retrained
+
+
+@pytest.mark.slow
+def test_two_seeds_run_by_submitits_local_executor_are_collected(tmp_path, cifar_dir):
+    pytest.importorskip("submitit")
+    run_here(
+        "run_seeds.py",
+        f"--data_dir={cifar_dir}",
+        f"--out_dir={tmp_path}/out",
+        f"--checkpoint_dir={tmp_path}/ckpt",
+        "--seeds=[0, 1]",
+        "--launcher=submitit_local",
+        "--selective=False",
+        "--dry_run=True",
+        "--controls=False",
+        "--batch_size=64",
+    )
+    saved = json.load(open(tmp_path / "out" / "seeds.json"))
+    assert sorted(saved["per_seed"]) == ["0", "1"]
+    for seed in (0, 1):  # each seed ran in its own folders, with its own seed, and logged there
+        summary = json.load(open(tmp_path / "out" / f"seed{seed}" / "summary.json"))
+        assert summary["config"]["seed"] == seed
+        assert "evaluate_vgg.py" in open(tmp_path / "out" / f"seed{seed}" / "run.log").read()
+    assert 0 <= saved["summary"]["MaskTune | test accuracy"]["mean"] <= 1
+
+
+@pytest.mark.slow
+def test_a_failed_seed_is_one_line_naming_its_log(tmp_path):
+    os.makedirs(tmp_path / "empty" / "train")  # an image folder without images: vgg.py stops at once
+    with pytest.raises(UserError, match=r"failed: seed 0 \(exit 1, see .*seed0/run.log\)"):
+        run_here(
+            "run_seeds.py",
+            f"--data_dir={tmp_path}/empty",
+            f"--out_dir={tmp_path}/out",
+            "--seeds=[0]",
+            "--launcher=parallel",
+            "--workers=1",
+        )
+    assert "error: " in open(tmp_path / "out" / "seed0" / "run.log").read()
