@@ -1,4 +1,5 @@
-"""Image data as uint8 tensors in memory: a split as one ``ImageSet``, and image files decoded into it.
+"""Image data as uint8 tensors (in memory, or memory-mapped from a cache file): a split as one ``ImageSet``,
+and image files decoded into it.
 
 A split of a data set is one ``ImageSet``: all its images as one ``(N, 3, H, W)`` uint8 tensor (on the GPU
 when there is one), its labels, and, where known, each image's spurious attribute (the shortcut's marker,
@@ -7,6 +8,7 @@ CelebA's Male, Waterbirds' place, a group CSV's value). The batched operations o
 
 import hashlib
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -14,9 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from masktune.checkpoint import atomic_save
 from masktune.console import UserError, check, progress
-from masktune.distributed import is_main
+from masktune.distributed import barrier, is_main
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -110,29 +111,90 @@ def read_images(paths: list[str], size: int, desc: str = "decoding", cache_dir: 
     """Decode image files into one (N, 3, size, size) uint8 tensor: the shorter side resized to ``size``,
     then centre-cropped (torchvision's Resize + CenterCrop); images already at that size are untouched.
 
-    Threads decode in parallel (PIL releases the GIL). With ``cache_dir`` the tensor is kept there (one file
-    per list of paths and size) and read back on later runs instead of decoding; a damaged cache file is
-    decoded again.
+    Threads decode in parallel (PIL releases the GIL), straight into the result. With ``cache_dir`` they are
+    decoded once into a ``.npy`` file there, named by the size and the files' paths, sizes and times, and
+    later runs memory-map it (copy on write): the processes of a node share one copy in the page cache, and
+    data larger than memory is paged in as batches need it. Under torchrun the first process decodes while
+    the others wait. A damaged cache file, or one of another shape, is decoded again with a notice.
     """
     check(len(paths) > 0, "no images to read")
-    cache = ""
-    if cache_dir:
-        key = hashlib.sha1(f"{size}\n".encode() + "\n".join(paths).encode()).hexdigest()[:16]
-        cache = os.path.join(cache_dir, f"images-{size}px-{len(paths)}-{key}.pt")
-        if os.path.exists(cache):
-            try:
-                return torch.load(cache, weights_only=True)
-            except Exception as e:
-                print(f"cache {cache!r} unreadable ({type(e).__name__}); decoding again")
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    shape = (len(paths), 3, size, size)
+    if not cache_dir:
+        out = np.empty(shape, dtype=np.uint8)
+        _decode_into(out, paths, desc)
+        return torch.from_numpy(out)
+    cache = cache_file(paths, size, cache_dir)
+    if is_main() and mapped_cache(cache, shape) is None:
+        _write_cache(cache, paths, shape, desc)
+    barrier()
+    images = mapped_cache(cache, shape)
+    check(images is not None, f"cache {cache!r} could not be read back after it was written")
+    return images
+
+
+def cache_file(paths: list[str], size: int, cache_dir: str) -> str:
+    """The cache file of these image files at this size: another file list, size or file content (by each
+    file's size and modification time) gets another name."""
+    key = hashlib.sha1(f"{size}\n".encode())
+    for path in paths:
+        stat = os.stat(path)
+        key.update(f"{path}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return os.path.join(cache_dir, f"images-{size}px-{len(paths)}-{key.hexdigest()[:16]}.npy")
+
+
+def mapped_cache(cache: str, shape: tuple) -> torch.Tensor | None:
+    """The cache file memory-mapped as a uint8 tensor of ``shape``; None (with a notice where the file
+    exists) when it is missing, damaged or of another shape."""
+    if not os.path.exists(cache):
+        return None
+    try:
+        array = np.load(cache, mmap_mode="c")  # copy on write: a change stays in this process
+    except Exception as e:
+        print(f"cache {cache!r} unreadable ({type(e).__name__}); decoding again")
+        return None
+    if array.shape != shape or array.dtype != np.uint8:
+        print(
+            f"cache {cache!r} holds {array.dtype} images of shape {array.shape}, not {shape}; decoding again"
+        )
+        return None
+    return torch.from_numpy(array)
+
+
+def _write_cache(cache: str, paths: list[str], shape: tuple, desc: str) -> None:
+    """Decode into a new cache file: checked against the free disk space first, written under a temporary
+    name and renamed when complete, so that a cache file is never partial."""
+    folder = os.path.dirname(os.path.abspath(cache))
+    os.makedirs(folder, exist_ok=True)
+    needed, free = int(np.prod(shape)) + 4096, shutil.disk_usage(folder).free
+    check(
+        needed < free,
+        f"cache_dir {folder!r} has {free / 1e9:.2f} GB free and {shape[0]} decoded images need "
+        f"{needed / 1e9:.2f} GB: free some space, or set cache_dir to another disk (or '')",
+    )
+    partial = f"{cache}.partial-{os.getpid()}"
+    try:
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not in a page write
+            with open(partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))
+        _decode_into(out, paths, desc)
+        out.flush()
+        del out
+        os.replace(partial, cache)
+    except OSError as e:
+        raise UserError(f"could not write the cache {cache}: {e.strerror or e}") from e
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _decode_into(out: np.ndarray, paths: list[str], desc: str) -> None:
+    """Decode ``paths`` into ``out`` (N, 3, size, size) with threads, image by image."""
+    size = out.shape[-1]
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         decoded = pool.map(lambda path: _read_image(path, size), paths, chunksize=64)
         for i, array in enumerate(progress(decoded, total=len(paths), desc=desc)):
-            out[i] = array
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-    if cache and is_main():
-        atomic_save(images, cache)
-    return images
+            out[i] = array.transpose(2, 0, 1)
 
 
 def _read_image(path: str, size: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Loading every data set into uint8 tensors, validation splits, batched augmentation."""
 
+import hashlib
 import os
 import urllib.error
 
@@ -132,7 +133,7 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(UserError, match="cannot read image"):
         load_splits({"data_dir": str(bad), "seed": 0})
     one = write_image_folder(str(tmp_path / "one"), classes=["cat"], per_class=4, per_class_test=2)
-    with pytest.raises(UserError, match="is of one class \\(cat\\)"):
+    with pytest.raises(UserError, match="is of class cat: a classifier"):
         experiment_data({"data_dir": one, "seed": 0, "val_fraction": 0.25})
 
 
@@ -195,3 +196,80 @@ def test_epoch_draws_are_reproducible_and_augmentation_label_preserving():
     assert torch.equal(flipped[0], images[0].flip(2)) and torch.equal(flipped[1], images[1])
     shifted = flip_crop(images, torch.tensor([False, False]), torch.tensor([[3, 2], [2, 2]]), padding=2)
     assert torch.equal(shifted[0, :, :-1], images[0, :, 1:])  # one row down in the padded image
+
+
+def _write_pngs(folder, count=6, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            os.path.join(folder, f"{i}.png")
+        )
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+def test_the_cache_is_written_once_mapped_after_and_rebuilt_when_damaged(tmp_path, monkeypatch, capsys):
+    import masktune.images as images_module
+
+    paths = _write_pngs(str(tmp_path / "png"))
+    decoded = read_images(paths, 8)
+    cache_dir = str(tmp_path / "cache")
+    assert torch.equal(read_images(paths, 8, cache_dir=cache_dir), decoded)
+    (cache,) = os.listdir(cache_dir)  # one file, nothing partial left
+    real_read = images_module._read_image
+    monkeypatch.setattr(images_module, "_read_image", lambda *a: pytest.fail("decoded although cached"))
+    mapped = read_images(paths, 8, cache_dir=cache_dir)
+    assert torch.equal(mapped, decoded)
+    mapped[0] = 0  # copy on write: the file keeps the images
+    assert torch.equal(read_images(paths, 8, cache_dir=cache_dir), decoded)
+    monkeypatch.setattr(images_module, "_read_image", real_read)
+    path = os.path.join(cache_dir, cache)
+    with open(path, "r+b") as f:  # a partial file (a copy cut short)
+        f.truncate(os.path.getsize(path) // 2)
+    assert torch.equal(read_images(paths, 8, cache_dir=cache_dir), decoded)
+    assert "unreadable" in capsys.readouterr().out
+    np.save(path, np.zeros((2, 3, 8, 8), np.uint8))  # images of another shape under the cache's name
+    assert torch.equal(read_images(paths, 8, cache_dir=cache_dir), decoded)
+    assert "not (6, 3, 8, 8)" in capsys.readouterr().out
+    # another image in place of one of the files: another cache file, never the old images
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))
+    assert (read_images(paths, 8, cache_dir=cache_dir)[0] == 7).all() and len(os.listdir(cache_dir)) == 2
+
+
+def test_a_disk_too_small_for_the_cache_is_one_line_before_decoding(tmp_path, monkeypatch):
+    import masktune.images as images_module
+
+    paths = _write_pngs(str(tmp_path / "png"))
+    monkeypatch.setattr(images_module, "_read_image", lambda *a: pytest.fail("decoding started"))
+    monkeypatch.setattr(images_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(UserError, match="GB free and 6 decoded images need"):
+        read_images(paths, 8, cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+MAP_THE_CACHE = """
+import hashlib, sys
+from masktune.images import read_images
+images = read_images(sys.argv[1:-1], 8, cache_dir=sys.argv[-1])
+mapped = any(line.rstrip().endswith(".npy") for line in open("/proc/self/maps"))  # the file, not a copy
+print(hashlib.sha1(images.numpy().tobytes()).hexdigest(), mapped)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_map_one_cache_file(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    paths = _write_pngs(str(tmp_path / "png"))
+    cache_dir = str(tmp_path / "cache")
+    read_images(paths, 8, cache_dir=cache_dir)
+    command = [sys.executable, "-c", MAP_THE_CACHE, *paths, cache_dir]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [r.communicate(timeout=120)[0].split() for r in runs]
+    expected = hashlib.sha1(read_images(paths, 8).numpy().tobytes()).hexdigest()
+    assert outputs[0] == outputs[1] == [expected, "True"]

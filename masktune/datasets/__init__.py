@@ -92,11 +92,13 @@ def _with_no_val(splits: tuple[ImageSet, ImageSet]) -> tuple[ImageSet, None, Ima
 def experiment_data(config: dict, fallback: str = "cifar10") -> tuple[ImageSet, ImageSet, ImageSet]:
     """The train, validation and test sets of a run, rebuilt identically from its config."""
     train, val, test = load_splits(config, fallback)
-    only = train.classes[int(train.labels[0])] if len(train) else "none"
-    check(
-        train.labels.is_floating_point() or len(train.labels.unique()) > 1,
-        f"every training image in {config['data_dir']!r} is of one class ({only}); a classifier needs two",
-    )
+    if not train.labels.is_floating_point():  # multi-label sets (CelebA's attributes) are exempt
+        only = train.classes[int(train.labels[0])]
+        check(
+            len(train.labels.unique()) > 1,
+            f"every training image in {config['data_dir']!r} is of class {only}: "
+            "a classifier needs two classes or more",
+        )
     if config.get("dry_run"):  # a few hundred images: checks the whole pipeline in seconds
         pick = torch.Generator().manual_seed(config["seed"])
         train = train.subset(torch.randperm(len(train), generator=pick)[:512].sort().values)
