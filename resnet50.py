@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
-from masktune.device import describe_machine, pick_device, prepare_model, seed_everything
+from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main
 from masktune.engine import predict
 from masktune.masking import STRATEGIES
@@ -114,6 +114,7 @@ ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
 generator = seed_everything(seed)
+memory = PeakMemory(device_)  # peak host and device memory per stage, for summary.json
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,6 +139,7 @@ print(
     f"({', '.join(train_set.classes[:10])}), {image_size}x{image_size}, "
     f"groups {'known' if test_set.spurious is not None else 'unknown'}, device {device_}"
 )
+memory.record("data")
 speed = dict(channels_last=channels_last, compile_model=compile_model)
 
 # 1. ERM ------------------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ print(
     f"ties), {time.time() - erm_start:.0f}s"
 )
 start = erm_best if finetune_from == "best" else load_checkpoint(run.path("last"), "ResNet50")
+memory.record("ERM")
 
 # 2. masking once with the frozen best ERM model, then the fine-tunes -------------------------------------
 if masking == "feature":  # the report's learned feature mask: the clean images, a new module
@@ -165,6 +168,7 @@ else:
         "training pixels masked"
     )
     variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}
+    memory.record("masking")
 for name, images in variants.items():
     net = load_weights(ResNet50(len(train_set.classes)), start)
     if masking == "feature" and name == "finetuned":  # ERM backbone and classifier, plus a learned mask
@@ -174,6 +178,7 @@ for name, images in variants.items():
     if masking != "feature":  # the paper continues the ERM optimizer; the report's variant starts afresh
         net_optimizer.load_state_dict(start["optimizer"])
     run.fine_tune(net, net_optimizer, name, images, extra=extra)
+memory.record("fine-tunes")
 
 # 3. evaluation on the test split -------------------------------------------------------------------------
 models, _ = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))
@@ -183,9 +188,12 @@ logits = {
 }
 results = evaluate_predictions(logits, test_set, train_set)
 print(format_evaluation(results, test_set))
+memory.record("evaluation")
+print(f"peak memory per stage, GB (host{' / device' if device_.type == 'cuda' else ''}): {memory}")
 if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         facts = {"config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
+        facts["peak_memory_gb"] = memory.stages
         json.dump({"models": results, **facts}, f, indent=1)
     write_predictions(os.path.join(out_dir, "predictions.csv"), {"test": logits}, {"test": test_set})
 print(f"checkpoints in {checkpoint_dir}/, metrics.json and predictions.csv in {out_dir}/")

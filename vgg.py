@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import DATASETS, experiment_data
-from masktune.device import describe_machine, pick_device, prepare_model, seed_everything
+from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main, world_size
 from masktune.masking import STRATEGIES
 from masktune.pipeline import Run, WhyFigure, check_training_settings, masks_sha1, reuse_erm
@@ -97,6 +97,7 @@ ensure_writable_dir(checkpoint_dir)
 ensure_writable_dir(out_dir)
 device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
 generator = seed_everything(seed)
+memory = PeakMemory(device_)  # peak host and device memory per stage, for summary.json
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,7 @@ print(
     f"data: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test images, {num_classes} "
     f"classes ({', '.join(train_set.classes[:10])}), device {device_}"
 )
+memory.record("data")
 
 # 1. ERM ------------------------------------------------------------------------------------------------
 model = prepare_model(
@@ -137,6 +139,7 @@ else:
     history = run.train(model, optimizer, erm, epochs=run.erm_epochs, lr_at=erm_lr, generator=generator)
     save_training_curves(os.path.join(out_dir, "training_curves.png"), history)
 erm_seconds = time.time() - erm_start
+memory.record("ERM")
 erm_best = load_checkpoint(run.path("initial"), "VGGWithAttention", num_classes)
 print(
     f"ERM: best validation epoch {erm_best['epoch']} (the latest on ties), test acc "
@@ -151,6 +154,7 @@ load_weights(model, erm_best, run.path("initial"))
 mask_start = time.time()
 masks = run.masks(model)
 mask_seconds = time.time() - mask_start
+memory.record("masking")
 masked_fraction = masks.float().mean().item()
 print(
     f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of training "
@@ -180,6 +184,8 @@ for name, images in run.fine_tune_sets(masks).items():  # finetuned, and the con
     if name == "finetuned":  # what was masked, and where the models look before and after
         figure.save(os.path.join(out_dir, "why.png"), model, images)
 
+memory.record("fine-tunes")
+print(f"peak memory per stage, GB (host{' / device' if device_.type == 'cuda' else ''}): {memory}")
 print(f"{'model':<12}{'test acc':>10}{'val acc':>10}")
 for name, stats in results.items():
     print(f"{name:<12}{100 * stats['test_accuracy']:>9.2f}%{100 * stats['val_accuracy']:>9.2f}%")
@@ -195,6 +201,7 @@ if is_main():
                 "mask_seconds": mask_seconds,
                 "processes": world_size(),
                 "machine": describe_machine(device_),
+                "peak_memory_gb": memory.stages,
                 "results": {k: {m: v for m, v in s.items() if m != "history"} for k, s in results.items()},
             },
             f,

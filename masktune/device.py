@@ -3,6 +3,8 @@
 import os
 import platform
 import random
+import resource
+import sys
 
 import numpy as np
 import torch
@@ -86,3 +88,26 @@ def describe_machine(device: torch.device) -> str:
             pass
         name = f"{name}, {os.cpu_count()} cores"
     return f"{name}{', native bf16' if native_bf16(device) else ''}"
+
+
+class PeakMemory:
+    """Peak memory per stage, in GB: ``record(stage)`` notes the process's peak resident host memory so far
+    (the operating system keeps no per-stage peak; pages of a memory-mapped cache count) and, on CUDA, the
+    peak device allocation since the previous record. ``stages`` holds what was recorded."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stages = device, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def record(self, stage: str) -> dict:
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        peak = {"host_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9, 3)}
+        if self.device.type == "cuda":
+            peak["device_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 3)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.stages[stage] = peak
+        return peak
+
+    def __str__(self) -> str:
+        return ", ".join(f"{s} {' / '.join(f'{v:.2f}' for v in p.values())}" for s, p in self.stages.items())

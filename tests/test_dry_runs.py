@@ -25,6 +25,9 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     )
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["finetune_epochs_run"] == 1 and summary["machine"]
+    peaks = summary["peak_memory_gb"]  # the host's peak so far never falls from one stage to the next
+    assert list(peaks) == ["data", "ERM", "masking", "fine-tunes"]
+    assert 0 < peaks["data"]["host_gb"] <= peaks["fine-tunes"]["host_gb"] < 64
     for name in ("metrics.json", "selective.json", "why.png", "risk_coverage.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 0, name
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
@@ -49,8 +52,9 @@ def test_the_resnet_scripts(tmp_path):
     run_here(
         "selective_classification_resnet.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"
     )
-    models = json.load(open(tmp_path / "out" / "metrics.json"))["models"]
-    assert set(models) == {"ERM", "MaskTune"}
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert set(metrics["models"]) == {"ERM", "MaskTune"}
+    assert list(metrics["peak_memory_gb"]) == ["data", "ERM", "masking", "fine-tunes", "evaluation"]
 
 
 def test_bench():
