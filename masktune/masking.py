@@ -12,8 +12,7 @@ How much of a map is masked (``mask_extent``):
   decisive   per image, the smallest of the map's top regions (``DECISIVE_AREAS``: 3% to a quarter of the
              image) that the prediction follows: kept alone, with the rest of the image taken from a
              partner image of another class, the predicted class keeps ``DECISIVE_MARGIN`` more
-             probability than with the region replaced by the partner's pixels. It is masked at twice its
-             area, so that the rest of a feature whose every part decides goes too. A marker is found at
+             probability than with the region replaced by the partner's pixels. A marker is found at
              its own size; an image whose prediction follows no such region (what a clean image's object
              usually gives: on plain CIFAR-10 about one image in twenty) gets no mask, so the fine-tune
              sees it unchanged and cannot be damaged by it.
@@ -193,8 +192,8 @@ def decisive_masks(
     amp: bool = False,
 ) -> torch.Tensor:
     """Per image, the smallest top region of ``cam`` (``DECISIVE_AREAS``) that the prediction follows against
-    a ``partners`` image of another class (see the module docstring), masked at twice its area; no mask
-    where none does. Each area is tested only on the images still without a mask, and the region replaced
+    a ``partners`` image of another class (see the module docstring); no mask where none does. Each area
+    is tested only on the images still without a mask, and the region replaced
     only where the region kept alone holds enough probability to pass."""
     with torch.no_grad(), autocast(inputs.device, amp):
         logits = model(inputs)[0].float()
@@ -214,10 +213,8 @@ def decisive_masks(
             amp,
         )
         passed = candidates[kept[candidates] - replaced >= DECISIVE_MARGIN]
-        # twice the area: where each part of a feature decides alone (a solid marker), the smallest
-        # deciding region is only part of it, and what is left would carry the shortcut into the fine-tune
-        if len(passed):
-            masks[open_[passed]] = top_region(cam[open_[passed]], 2 * area)
+        if len(passed):  # at its own area: twice it cost the 4x4 square and MNIST 4-10 points (validation)
+            masks[open_[passed]] = top_region(cam[open_[passed]], area)
         still_open = torch.ones(len(open_), dtype=torch.bool, device=cam.device)
         still_open[passed] = False
         open_ = open_[still_open]
