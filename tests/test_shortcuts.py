@@ -200,10 +200,11 @@ def test_the_default_masktune_stops_following_a_planted_marker(
     tmp_path, kind, size, classes, n_train, marked
 ):
     """On noise images a class's marker (on every training image; ``first``: class 0's marker on class 0
-    only, as in the paper's MNIST) is the only signal. ERM follows it; the default masks hide a good part of it,
-    at its own size; MaskTune with the default saliency, extent, fill and learning rate stops following it. A control run with the masks moved to random places does
-    not: the masks are what removes it. On noise the fine-tune has nothing else to learn, so the check is
-    the marker's pull on the prediction (aligned minus conflicting accuracy), in fp32 on any CPU."""
+    only, as in the paper's MNIST) is the only signal. ERM follows it; the default masks hide a good part
+    of it, at its own size; MaskTune with the default saliency, extent, fill and learning rate stops
+    following it. A control run with the masks moved to random places does not: the masks are what removes
+    it. On noise the fine-tune has nothing else to learn, so the check is the marker's pull on the
+    prediction (aligned minus conflicting accuracy), in fp32 on any CPU."""
     data = write_cifar_pickles(str(tmp_path / "data"), n_train, make_images=grey_noise, classes=classes)
     args = [
         f"--data_dir={data}",
