@@ -204,6 +204,9 @@ def selective_table(folders: list[str]) -> str:
 
 def main(argv: list[str]) -> None:
     install_error_hook()
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     targets = "--targets" in argv
     folders = [a for a in argv if a != "--targets"]
     check(folders, "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets]")

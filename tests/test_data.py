@@ -223,6 +223,7 @@ def test_the_cache_is_written_once_mapped_after_and_rebuilt_when_damaged(tmp_pat
     mapped[0] = 0  # copy on write: the file keeps the images
     assert torch.equal(read_images(paths, 8, cache_dir=cache_dir), decoded)
     monkeypatch.setattr(images_module, "_read_image", real_read)
+    del mapped  # no mapping of the file is left when it is cut short below
     path = os.path.join(cache_dir, cache)
     with open(path, "r+b") as f:  # a partial file (a copy cut short)
         f.truncate(os.path.getsize(path) // 2)

@@ -312,14 +312,20 @@ def test_resnet_input_masks_cover_a_planted_feature_in_an_image_folder(tmp_path)
 def test_decoded_images_cache_is_used_and_rebuilt_when_damaged(tmp_path, capsys):
     data = write_celeba(str(tmp_path / "data"))
     config = {**CELEBA, "data_dir": data, "cache_dir": str(tmp_path / "cache")}
-    first = load_splits(config)
+    first = [s.images.clone() for s in load_splits(config)]
     files = sorted(os.listdir(tmp_path / "cache"))
     assert len(files) == 3  # train, val, test
-    for name in files:  # a cached tensor is what is read back: decoding is skipped
-        torch.save(torch.full_like(torch.load(tmp_path / "cache" / name), 7), tmp_path / "cache" / name)
+
+    def replace_file(name, write):  # a new file in place of the cache (the old one may still be mapped)
+        write(tmp_path / "new.npy")
+        os.replace(tmp_path / "new.npy", tmp_path / "cache" / name)
+
+    for name in files:  # a cached array is what is read back: decoding is skipped
+        sevens = np.full_like(np.load(tmp_path / "cache" / name), 7)
+        replace_file(name, lambda path, sevens=sevens: np.save(path, sevens))
     assert all(bool((s.images == 7).all()) for s in load_splits(config))
-    open(tmp_path / "cache" / files[0], "wb").write(b"damaged")
+    replace_file(files[0], lambda path: open(path, "wb").write(b"damaged"))
     rebuilt = load_splits(config)
     assert "decoding again" in capsys.readouterr().out
     index = next(i for i, s in enumerate(rebuilt) if not bool((s.images == 7).all()))
-    assert torch.equal(rebuilt[index].images, first[index].images)
+    assert torch.equal(rebuilt[index].images, first[index])
