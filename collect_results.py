@@ -9,6 +9,7 @@ folders give the same tables whichever order or launcher produced them; mean +/-
     python collect_results.py out/seeds/cifar_square out/seeds/cifar_square_published
     python collect_results.py out/seeds/*                # every benchmark, one table each
     python collect_results.py out/seeds/* --targets      # and each benchmark against the targets
+    python collect_results.py out/seeds/* --headline     # only the README's table: one line per benchmark
 """
 
 import glob
@@ -178,6 +179,34 @@ def target_rows(name: str, runs: list[dict]) -> list[str]:
     return rows
 
 
+def headline(runs: list[dict]) -> str:
+    """The README's table: per benchmark, one test metric (a shortcut's worst group, biased MNIST's biased
+    test, plain accuracy) of ERM, MaskTune as published and MaskTune with the defaults."""
+    lines = [
+        "| benchmark (test, %) | ERM | MaskTune as published | MaskTune, defaults |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in sorted({r["benchmark"] for r in runs}):
+        mine = [r for r in runs if r["benchmark"] == name]
+        published = [r for r in mine if r["method"] == "as published"]
+        defaults = [r for r in mine if r["method"] != "as published"]
+        if not mine[0]["shortcut"]:
+            metric, label = "test_accuracy", "accuracy"
+        elif name.startswith("MNIST"):
+            metric, label = "conflicting_accuracy", "biased test"
+        else:
+            metric, label = "worst_group_accuracy", "worst group"
+
+        def value(rs: list[dict], model: str, metric: str = metric) -> str:
+            return cell([r["models"][model][metric] for r in rs])
+
+        erm = value(defaults or published, "ERM")
+        lines.append(
+            f"| {name}: {label} | {erm} | {value(published, 'MaskTune')} | {value(defaults, 'MaskTune')} |"
+        )
+    return "\n".join(lines)
+
+
 def selective_table(folders: list[str]) -> str:
     """selective_classification_vgg.py's results, where a run has them: the report's rule and every
     scorer's AURC (x 100, lower is better), mean +/- std over seeds."""
@@ -208,9 +237,12 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         return
     targets = "--targets" in argv
-    folders = [a for a in argv if a != "--targets"]
-    check(folders, "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets]")
+    folders = [a for a in argv if a not in ("--targets", "--headline")]
+    check(folders, "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets] [--headline]")
     runs = read_runs(folders)
+    if "--headline" in argv:
+        print(headline(runs))
+        return
     names = sorted({r["benchmark"] for r in runs})
     for name in names:
         print(f"### {name}\n\n{table([r for r in runs if r['benchmark'] == name])}\n")

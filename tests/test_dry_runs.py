@@ -33,6 +33,8 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
     assert "| ERM |" in table and "| MaskTune, gradient, decisive, shuffle_union |" in table
     assert "worst group - ERM's >= 30" in table and "AURC x 100" in table
+    headline = run_here("collect_results.py", f"{tmp_path}/out", "--headline")
+    assert "| MaskTune as published |" in headline and ": worst group |" in headline
 
 
 def test_the_resnet_scripts(tmp_path):
