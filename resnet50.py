@@ -189,7 +189,7 @@ logits = {
 results = evaluate_predictions(logits, test_set, train_set)
 print(format_evaluation(results, test_set))
 memory.record("evaluation")
-print(f"peak memory per stage, GB (host{' / device' if device_.type == 'cuda' else ''}): {memory}")
+print(memory)
 if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         facts = {"config": config, "test_images": len(test_set), "machine": describe_machine(device_)}

@@ -185,7 +185,7 @@ for name, images in run.fine_tune_sets(masks).items():  # finetuned, and the con
         figure.save(os.path.join(out_dir, "why.png"), model, images)
 
 memory.record("fine-tunes")
-print(f"peak memory per stage, GB (host{' / device' if device_.type == 'cuda' else ''}): {memory}")
+print(memory)
 print(f"{'model':<12}{'test acc':>10}{'val acc':>10}")
 for name, stats in results.items():
     print(f"{name:<12}{100 * stats['test_accuracy']:>9.2f}%{100 * stats['val_accuracy']:>9.2f}%")

@@ -110,4 +110,9 @@ class PeakMemory:
         return peak
 
     def __str__(self) -> str:
-        return ", ".join(f"{s} {' / '.join(f'{v:.2f}' for v in p.values())}" for s, p in self.stages.items())
+        stages = ", ".join(
+            f"{s} {' / '.join(f'{v:.2f}' for v in p.values())}" for s, p in self.stages.items()
+        )
+        return (
+            f"peak memory per stage, GB (host{' / device' if self.device.type == 'cuda' else ''}): {stages}"
+        )

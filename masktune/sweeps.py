@@ -9,6 +9,7 @@ A job is a list of commands (argument lists) run in order, stopping at the first
 Whichever ran them, the jobs write the same files, so the results are collected the same way.
 """
 
+import contextlib
 import os
 import queue
 import subprocess
@@ -34,12 +35,10 @@ def run_job(job: Job) -> int:
     env = {**os.environ, **job.env}
     if job.log:
         os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
-    with open(job.log, "a") if job.log else open(os.devnull) as log:
+    with open(job.log, "a") if job.log else contextlib.nullcontext() as log:  # None: this terminal
         for command in job.commands:
-            print(f"$ {' '.join(command)}", file=log if job.log else None, flush=True)
-            code = subprocess.call(
-                command, env=env, stdout=log if job.log else None, stderr=subprocess.STDOUT
-            )
+            print(f"$ {' '.join(command)}", file=log, flush=True)
+            code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
             if code != 0:
                 return code
     return 0
