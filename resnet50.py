@@ -46,6 +46,8 @@ dataset = "auto"  # auto: recognised in data_dir; or one of celeba, waterbirds, 
 checkpoint_dir = "checkpoints"  # where the .pt files are written
 out_dir = "out/resnet50"  # metrics.json, predictions.csv (selective_classification_resnet.py writes here too)
 device = "auto"  # auto = cuda, then mps, then cpu
+device_data_gb = -1.0  # GB of training images held on the device, else they stream from host memory batch
+# by batch (-1: up to half the GPU's free memory; 0: always stream)
 seed = 0  # subsets, the validation split, the head's initialisation, data order, augmentation
 target_attributes = [
     "5_o_Clock_Shadow",
@@ -138,6 +140,7 @@ print(
     f"{len(train_set.classes)} {'attributes' if multilabel else 'classes'} "
     f"({', '.join(train_set.classes[:10])}), {image_size}x{image_size}, "
     f"groups {'known' if test_set.spurious is not None else 'unknown'}, device {device_}"
+    f"{', training images streamed from host memory' if run.streamed else ''}"
 )
 memory.record("data")
 speed = dict(channels_last=channels_last, compile_model=compile_model)
@@ -164,7 +167,7 @@ else:
     load_weights(model, erm_best, run.path("initial"))
     masks = run.masks(model)
     print(
-        f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.float().mean():.2f}% of "
+        f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.fraction():.2f}% of "
         "training pixels masked"
     )
     variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}

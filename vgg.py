@@ -43,6 +43,8 @@ dataset = (
 checkpoint_dir = "checkpoints"  # where the .pt files are written
 out_dir = "out/vgg"  # figures and summary.json (the evaluation scripts write here too)
 device = "auto"  # auto = cuda, then mps, then cpu
+device_data_gb = -1.0  # GB of training images held on the device, else they stream from host memory batch
+# by batch (-1: up to half the GPU's free memory; 0: always stream)
 seed = 0  # seeds the validation split, initialisation, data order and augmentation
 val_fraction = 0.1  # training images held out to pick the ERM epoch (where the data has no val split)
 group_csv = ""  # image folders: group labels of validation and test images (columns: path, group)
@@ -120,6 +122,7 @@ num_classes = len(train_set.classes)
 print(
     f"data: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test images, {num_classes} "
     f"classes ({', '.join(train_set.classes[:10])}), device {device_}"
+    f"{', training images streamed from host memory' if run.streamed else ''}"
 )
 memory.record("data")
 
@@ -155,13 +158,13 @@ mask_start = time.time()
 masks = run.masks(model)
 mask_seconds = time.time() - mask_start
 memory.record("masking")
-masked_fraction = masks.float().mean().item()
+masked_fraction = masks.fraction()
 print(
     f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of training "
     f"pixels masked on average, {mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)"
 )
 # with a planted shortcut: do the masks find it? (a researcher's own data has no ground truth for this)
-coverage = marker_coverage(masks, train_set) if shortcut else None
+coverage = marker_coverage(masks[:], train_set) if shortcut else None
 if coverage:
     print(
         f"masks hide {100 * coverage['mean']:.1f}% of the planted marker on average, at least half of it on "
@@ -180,7 +183,7 @@ for name, images in run.fine_tune_sets(masks).items():  # finetuned, and the con
     load_weights(model, start)
     optimizer.load_state_dict(start["optimizer"])
     history = run.fine_tune(model, optimizer, name, images, extra={"masks_sha1": masks_sha1(masks)})
-    results[name] = {"masked_fraction": images.masks.float().mean().item(), **history[-1]}
+    results[name] = {"masked_fraction": images.masks.fraction(), **history[-1]}
     if name == "finetuned":  # what was masked, and where the models look before and after
         figure.save(os.path.join(out_dir, "why.png"), model, images)
 

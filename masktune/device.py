@@ -62,6 +62,17 @@ def prepare_model(
     return model
 
 
+def fits_on_device(nbytes: int, device: torch.device, budget_gb: float) -> bool:
+    """Whether data of ``nbytes`` goes to ``device`` whole: within ``budget_gb``, or with a negative budget
+    within half the free memory of a CUDA device (the rest is for the model and its activations); on a CPU
+    or MPS device (host memory) it always does."""
+    if budget_gb >= 0:
+        return nbytes <= budget_gb * 1e9
+    if device.type == "cuda":
+        return nbytes <= torch.cuda.mem_get_info(device)[0] / 2
+    return True
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator for the data order and augmentation."""
     random.seed(seed)

@@ -9,13 +9,14 @@ reports come from ``correct_predictions``, which does not depend on the loss.
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from masktune.batches import draw_epoch, flip_crop, in_order
+from masktune.batches import Batch, draw_epoch, flip_crop, in_order
 from masktune.checkpoint import load_weights, resumable, save_checkpoint
 from masktune.console import check, progress
 from masktune.device import autocast, model_device
@@ -43,9 +44,41 @@ class TrainingSet:
     batch_size: int
     augment: bool = True  # batched flips and crops
     amp: bool = False  # bf16 autocast where bf16 is native
+    streamed: bool = False  # images kept in host memory: batches gathered there a step ahead (batch_feed)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def batch_feed(data: TrainingSet, batches: list[Batch], device: torch.device) -> Iterator[tuple]:
+    """Each batch's images (augmented) and labels on ``device``: this process's rows of the global batch.
+    Data on the device is gathered there; streamed data is gathered on the host by a thread one batch
+    ahead of the step (pinned for CUDA) and copied without blocking, so the copy overlaps the training."""
+
+    def gather(batch: Batch) -> tuple[torch.Tensor, Batch]:
+        x = data.images[batch_slice(batch.index)]
+        return (x.pin_memory() if data.streamed and device.type == "cuda" else x), batch
+
+    def finish(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(device, non_blocking=True)
+        if data.augment:  # per image, so augmenting this process's rows equals slicing the augmented batch
+            flips = batch_slice(batch.flips).to(device, non_blocking=True)
+            shifts = batch_slice(batch.shifts.T).T.to(device, non_blocking=True)
+            x = flip_crop(x, flips, shifts)
+        y = data.labels[batch_slice(batch.index).to(data.labels.device)]
+        return x, y.to(device, non_blocking=True)
+
+    if not data.streamed:
+        for batch in batches:
+            yield finish(*gather(batch))
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gather, batches[0])
+        for i in range(len(batches)):
+            x, batch = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(gather, batches[i + 1])
+            yield finish(x, batch)
 
 
 def train_epoch(
@@ -68,15 +101,11 @@ def train_epoch(
     batches = draw_epoch(len(data), data.batch_size, generator, data.augment, data.images.device)
     order_sha1 = hashlib.sha1(torch.cat([b.index for b in batches]).cpu().numpy().tobytes()).hexdigest()
     totals, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # loss sum and correct, on device
-    bar = progress(batches, desc=desc)
-    for step, batch in enumerate(bar):
+    bar = progress(batch_feed(data, batches, device), desc=desc, total=len(batches))
+    for step, (x, y) in enumerate(bar):  # this process's share of the global batch, on the device
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step / len(batches))
-        x = data.images[batch.index]
-        x = flip_crop(x, batch.flips, batch.shifts) if data.augment else x
-        x = batch_slice(x).to(device, non_blocking=True)  # this process's share of the global batch
-        y = batch_slice(data.labels[batch.index]).to(device, non_blocking=True)
         with autocast(device, data.amp):
             logits = net(x)[0].float()
         loss = data.loss(logits, y)

@@ -18,9 +18,10 @@ How much of a map is masked (``mask_extent``):
              sees it unchanged and cannot be damaged by it.
   fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
              ``num_std`` std of the positive CAM (xgradcam: the paper's).
-A mask is a bool tensor (N, H, W), True where a pixel is hidden; ``random_masks_like`` moves each mask to a
-random place (the random-mask control). ``fill_masks`` replaces the masked pixels: black as in the paper,
-or from a random other image (``shuffle_union``, ``shuffle``, ``swap``).
+A mask is a bool tensor (N, H, W), True where a pixel is hidden, or a training set's ``PackedMasks`` (eight
+pixels to a byte); ``random_masks_like`` moves each mask to a random place (the random-mask control).
+``fill_masks`` replaces the masked pixels: black as in the paper, or from a random other image
+(``shuffle_union``, ``shuffle``, ``swap``).
 """
 
 from dataclasses import dataclass
@@ -251,6 +252,52 @@ def saliency_mask(
     return cam, (cam > threshold[:, None, None]) & (cam > 0)
 
 
+BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # a byte's pixels, first first
+CHUNK_ROWS = 4096  # masks unpacked at a time by whole-set operations, to keep their memory small
+
+
+@dataclass
+class PackedMasks:
+    """Masks (N, H, W) stored eight pixels to a byte: a training set's masks take an eighth of a bool tensor
+    (CelebA's 162,770 at 224x224: 1 GB instead of 8). ``masks[index]`` unpacks the rows at ``index`` as a
+    bool tensor (True: hidden); ``masks[:]`` all of them."""
+
+    bits: torch.Tensor  # (N, H, ceil(W / 8)) uint8
+    width: int
+
+    @staticmethod
+    def pack(masks: torch.Tensor) -> "PackedMasks":
+        n, height, width = masks.shape
+        padded = F.pad(masks.to(torch.uint8), (0, -width % 8)).view(n, height, -1, 8)
+        return PackedMasks((padded * BIT_VALUES.to(masks.device)).sum(-1, dtype=torch.uint8), width)
+
+    @staticmethod
+    def empty(n: int, height: int, width: int, device: torch.device) -> "PackedMasks":
+        """``n`` masks that hide nothing."""
+        return PackedMasks(torch.zeros(n, height, -(-width // 8), dtype=torch.uint8, device=device), width)
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.bits), self.bits.shape[1], self.width)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        bits = self.bits[index]
+        unpacked = (bits[..., None] & BIT_VALUES.to(bits.device)) != 0
+        return unpacked.flatten(-2)[..., : self.width]
+
+    def fraction(self) -> float:
+        """The share of pixels hidden, over every mask."""
+        ones = sum(self[i : i + CHUNK_ROWS].sum().item() for i in range(0, len(self), CHUNK_ROWS))
+        return ones / max(1, len(self) * self.shape[1] * self.width)
+
+
 def other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each image a random other image with another label (multi-label: another set of labels), by
     index: (N,) int64. Where every image has the same label, some partners share it."""
@@ -275,12 +322,13 @@ def compute_masks(
     labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     desc: str = "masking",
+    packed: bool = False,
     **settings,
-) -> torch.Tensor:
-    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device;
-    ``settings`` as for ``saliency_mask``. The decisive extent tests each image against a partner of another
-    of ``labels``, drawn with ``generator``. Under torchrun each process masks a contiguous share and every
-    process gets all the masks."""
+) -> torch.Tensor | PackedMasks:
+    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device, or
+    with ``packed`` a ``PackedMasks`` (an eighth of the memory); ``settings`` as for ``saliency_mask``. The
+    decisive extent tests each image against a partner of another of ``labels``, drawn with ``generator``.
+    Under torchrun each process masks a contiguous share and every process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
     device = model_device(model)
@@ -289,17 +337,21 @@ def compute_masks(
         check(labels is not None, "the decisive mask extent needs the images' labels")
         partners = other_class_partners(labels, generator or torch.Generator().manual_seed(0))
     mine = my_range(len(images))
-    masks = torch.empty(len(mine), *images.shape[-2:], dtype=torch.bool, device=images.device)
+    height, width = images.shape[-2:]
+    shape = (height, -(-width // 8)) if packed else (height, width)
+    masks = torch.empty(len(mine), *shape, dtype=torch.uint8 if packed else torch.bool, device=images.device)
     try:
         for index in progress(in_order(len(mine), batch_size), desc=desc):
             rows = (index + mine.start).to(images.device)
             inputs = images[rows].to(device, non_blocking=True)
             paired = None if partners is None else images[partners[rows.cpu()].to(images.device)].to(device)
             _, mask = saliency_mask(model, inputs, strategy, partners=paired, **settings)
+            mask = PackedMasks.pack(mask).bits if packed else mask
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)
-    return gather_rows(masks, len(images))
+    masks = gather_rows(masks, len(images))
+    return PackedMasks(masks, width) if packed else masks
 
 
 def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -312,7 +364,9 @@ def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return moved.movedim((1, 2), (-2, -1))
 
 
-def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_masks_like(
+    masks: torch.Tensor | PackedMasks, generator: torch.Generator
+) -> torch.Tensor | PackedMasks:
     """Per image, the same mask moved to a random place: a random circular shift (rows and columns).
 
     Same number of pixels and the same blob shape as the saliency mask, so the control differs from MaskTune
@@ -321,7 +375,13 @@ def random_masks_like(masks: torch.Tensor, generator: torch.Generator) -> torch.
     n, height, width = masks.shape
     dy = torch.randint(0, height, (n,), generator=generator).to(masks.device)
     dx = torch.randint(0, width, (n,), generator=generator).to(masks.device)
-    return _shift(masks, dy, dx)
+    if isinstance(masks, torch.Tensor):
+        return _shift(masks, dy, dx)
+    moved = torch.empty_like(masks.bits)
+    for i in range(0, n, CHUNK_ROWS):  # unpacked a chunk at a time
+        rows = slice(i, i + CHUNK_ROWS)
+        moved[rows] = PackedMasks.pack(_shift(masks[rows], dy[rows], dx[rows])).bits
+    return PackedMasks(moved, width)
 
 
 def _centroids(masks: torch.Tensor) -> torch.Tensor:
@@ -348,7 +408,7 @@ class MaskedImages:
     ``fill_masks``)."""
 
     images: torch.Tensor  # (N, 3, H, W) uint8
-    masks: torch.Tensor  # (N, H, W) bool, on the images' device
+    masks: PackedMasks  # on the images' device
     fill: str
     partners: torch.Tensor | None = None  # (N,) int64 on the images' device; None for "black"
 
@@ -376,7 +436,10 @@ class MaskedImages:
 
 
 def masked_images(
-    images: torch.Tensor, masks: torch.Tensor, fill: str, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    masks: torch.Tensor | PackedMasks,
+    fill: str,
+    generator: torch.Generator | None = None,
 ) -> MaskedImages:
     """``images`` with ``masks`` filled as ``fill`` says, each from a random other image drawn with
     ``generator`` (one ``randperm``: the same generator state gives every variant the same pairing).
@@ -392,7 +455,8 @@ def masked_images(
     black          zeros (the paper)
     """
     check_choice("mask_fill", fill, FILLS)
-    masks = masks.to(images.device)
+    masks = PackedMasks.pack(masks) if isinstance(masks, torch.Tensor) else masks
+    masks = PackedMasks(masks.bits.to(images.device), masks.width)
     if fill == "black":
         return MaskedImages(images, masks, fill)
     return MaskedImages(

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from masktune.checkpoint import load_checkpoint
 from masktune.console import check, check_choice
+from masktune.device import fits_on_device
 from masktune.distributed import is_main
 from masktune.engine import (
     FINETUNE_SCHEDULES,
@@ -33,6 +34,7 @@ from masktune.images import ImageSet
 from masktune.masking import (
     FILLS,
     MaskedImages,
+    PackedMasks,
     compute_masks,
     mask_settings,
     masked_images,
@@ -81,10 +83,13 @@ class Run:
     prefix: str
 
     def __post_init__(self):
-        # the training images go to the device once; every stage trains on them or on masked views of them
-        self.train_images = self.train_set.images.to(self.device)
-        self.train_labels = self.train_set.labels.to(self.device)
         c = self.config
+        # the training images go to the device once when they fit, else batches stream from host memory
+        # (a memory-mapped cache_dir file stays shared); every stage trains on them or on masked views
+        images = self.train_set.images
+        self.streamed = not fits_on_device(images.numel(), self.device, c["device_data_gb"])
+        self.train_images = images if self.streamed else images.to(self.device)
+        self.train_labels = self.train_set.labels.to(self.device)
         # whole epochs until at least finetune_min_steps steps (one epoch of a small set is a few steps)
         self.finetune_epochs = c["finetune_epochs"] and finetune_length(
             len(self.train_set), c["batch_size"], c["finetune_epochs"], c["finetune_min_steps"]
@@ -100,7 +105,9 @@ class Run:
         """The training images (or a masked view of them) with their labels, loss and batch settings."""
         c = self.config
         images = self.train_images if images is None else images
-        return TrainingSet(images, self.train_labels, self.loss, c["batch_size"], c["augment"], c["amp"])
+        return TrainingSet(
+            images, self.train_labels, self.loss, c["batch_size"], c["augment"], c["amp"], self.streamed
+        )
 
     def evaluate(self, model: nn.Module) -> dict:
         """Accuracy on the validation and test sets (CelebA: mean attribute accuracy)."""
@@ -140,9 +147,9 @@ class Run:
         """The ``Stage`` named ``name`` that writes ``{prefix}_{file}.pt``."""
         return Stage(name, self.path(file), self.config, self.config["resume"], **settings)
 
-    def masks(self, model: nn.Module) -> torch.Tensor:
+    def masks(self, model: nn.Module) -> PackedMasks:
         """The training set's masks from the frozen ``model`` (the best ERM epoch), with the run's masking
-        settings: bool (N, H, W) on the training images' device."""
+        settings, packed, on the training images' device."""
         c = self.config
         return compute_masks(
             model,
@@ -153,17 +160,18 @@ class Run:
             generator=stream(c["seed"], "mask_partners"),
             multilabel=self.train_labels.is_floating_point(),
             amp=c["amp"],
+            packed=True,
             **mask_settings(c),
         )
 
-    def fine_tune_sets(self, masks: torch.Tensor) -> dict[str, MaskedImages]:
+    def fine_tune_sets(self, masks: PackedMasks) -> dict[str, MaskedImages]:
         """What each fine-tune trains on: MaskTune's masks and, with ``controls``, no masks and the same
         masks moved to random places; every variant with the same pairing of images for the fill, so
         they differ only in their masks."""
         c = self.config
         masks_of = {"finetuned": masks}
         if c["controls"]:
-            masks_of["nomask"] = torch.zeros_like(masks)
+            masks_of["nomask"] = PackedMasks.empty(*masks.shape, masks.device)
             masks_of["randommask"] = random_masks_like(masks, stream(c["seed"], "random_masks"))
         return {
             name: masked_images(self.train_images, m, c["mask_fill"], stream(c["seed"], "fill_pairing"))
@@ -185,7 +193,7 @@ class Run:
         facts = {
             "start_weights_sha1": weights_sha1(model),
             "finetune_epochs_run": self.finetune_epochs,
-            **({} if masks is None else {"masked_fraction": masks.float().mean().item()}),
+            **({} if masks is None else {"masked_fraction": masks.fraction()}),
             **(extra or {}),
         }
         return self.train(
@@ -199,9 +207,9 @@ class Run:
         )
 
 
-def masks_sha1(masks: torch.Tensor) -> str:
+def masks_sha1(masks: PackedMasks) -> str:
     """Fingerprint of a run's masks (to show which masks a fine-tune saw)."""
-    return hashlib.sha1(masks.cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha1(masks.bits.cpu().numpy().tobytes()).hexdigest()
 
 
 # the settings that decide a run's data: an ERM model trained with other values saw other images
@@ -249,7 +257,7 @@ class WhyFigure:
     on eight test images (with a planted shortcut: images whose marker is another class's), where the ERM
     and the MaskTune models look. Built in two steps: with the ERM model, then with the fine-tuned one."""
 
-    def __init__(self, run: Run, erm_model: nn.Module, masks: torch.Tensor):
+    def __init__(self, run: Run, erm_model: nn.Module, masks: PackedMasks):
         c = run.config
         self.run, self.masks = run, masks
         self.settings = dict(smoothing=c["gradient_smoothing"], amp=c["amp"])
@@ -265,11 +273,12 @@ class WhyFigure:
         self.erm_shown_heatmaps = self.heatmaps(erm_model, self.shown_images)
 
     def heatmaps(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.run.device)
         return saliency_map(model, images, self.run.config["masking"], **self.settings)
 
     def save(self, path: str, tuned_model: nn.Module, seen: MaskedImages) -> None:
         run, examples = self.run, self.examples
-        mask_pictures = self.masks[examples, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
+        mask_pictures = self.masks[examples][:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255
         save_image_grid(
             path,
             {

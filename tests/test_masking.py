@@ -11,10 +11,13 @@ from masktune.console import UserError
 from masktune.device import prepare_model
 from masktune.engine import TrainingSet, accuracy, predict, train_epoch
 from masktune.masking import (
+    CHUNK_ROWS,
+    PackedMasks,
     box_filter,
     compute_masks,
     fill_masks,
     gradient_saliency,
+    masked_images,
     mean_std_threshold,
     other_class_partners,
     quantile_threshold,
@@ -185,6 +188,33 @@ def test_random_masks_hide_as_many_pixels_elsewhere():
     overlap = (random & masks).flatten(1).sum(1).float() / masks.flatten(1).sum(1)
     assert overlap.mean() < 0.2  # mostly in other places
     assert torch.equal(random, random_masks_like(masks, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("width", [8, 13, 32])
+def test_packed_masks_hold_every_pixel_in_an_eighth_of_the_memory(width):
+    masks = torch.rand(CHUNK_ROWS + 5, 6, width, generator=torch.Generator().manual_seed(width)) < 0.3
+    packed = PackedMasks.pack(masks)
+    assert packed.bits.dtype == torch.uint8 and packed.bits.shape == (len(masks), 6, -(-width // 8))
+    assert packed.shape == masks.shape and torch.equal(packed[:], masks)
+    index = torch.tensor([3, 0, CHUNK_ROWS + 4])
+    assert torch.equal(packed[index], masks[index])
+    assert packed.fraction() == masks.sum().item() / masks.numel()
+    assert PackedMasks.empty(4, 6, width, masks.device).fraction() == 0
+    # the random-mask control moves packed masks (chunk by chunk) exactly as it moves bool ones
+    moved = random_masks_like(packed, torch.Generator().manual_seed(1))
+    assert torch.equal(moved[:], random_masks_like(masks, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("fill", ["shuffle_union", "shuffle", "swap", "black"])
+def test_the_per_batch_fill_equals_the_filled_copy_image_for_image(fill):
+    """What a fine-tune draws batch by batch (packed masks, gathered per batch) equals the filled set."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    masks = torch.rand(40, 12, 12, generator=generator) < 0.2
+    whole = fill_masks(images, masks, fill, torch.Generator().manual_seed(5))
+    view = masked_images(images, PackedMasks.pack(masks), fill, torch.Generator().manual_seed(5))
+    for index in torch.randperm(40, generator=generator).split(7):
+        assert torch.equal(view[index], whole[index])
 
 
 def test_xgradcam_matches_pytorch_grad_cam():

@@ -1,6 +1,7 @@
 """Interrupted runs resume exactly; every user mistake is one clear line, exit 1, nothing written is lost."""
 
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -85,8 +86,13 @@ def interrupt_and_resume(script: str, args: list, prefix: str, folder, reference
         assert process.returncode == 130 and "--resume=True" in stderr and "Traceback" not in stderr
     resumed = run_script(script, *command[2:], "--resume=True")
     assert "ERM: resuming after epoch" in resumed.stdout
+    assert_same_checkpoints(folder, reference, prefix)
+
+
+def assert_same_checkpoints(folder, reference: str, prefix: str) -> None:
+    """Every model of the run in ``folder`` has the weights and test accuracy of the one in ``reference``."""
     for name in ("initial", "last", "finetuned", "nomask", "randommask"):
-        ours = load_checkpoint(str(folder / f"{prefix}_{name}.pt"))
+        ours = load_checkpoint(os.path.join(folder, f"{prefix}_{name}.pt"))
         theirs = load_checkpoint(os.path.join(reference, f"{prefix}_{name}.pt"))
         assert ours["metrics"]["test_accuracy"] == theirs["metrics"]["test_accuracy"]
         for key, tensor in theirs["model"].items():
@@ -98,6 +104,36 @@ def test_interrupted_run_resumes_to_the_same_result(reference_run, cifar_dir, tm
     """vgg.py killed (SIGKILL) or interrupted (Ctrl-C) during its ERM epochs, then resumed."""
     args = [f"--data_dir={cifar_dir}", *TINY, ON_CPU]
     interrupt_and_resume("vgg.py", args, "vgg", tmp_path, reference_run, sig)
+
+
+def test_streaming_the_training_images_gives_the_run_held_in_memory(reference_run, cifar_dir, tmp_path):
+    """A device budget of 0 keeps the training images in host memory, gathered a batch ahead by a thread:
+    every checkpoint equals the in-memory run's, bit for bit (in another process, as that run was)."""
+    out = run_script(
+        "vgg.py",
+        f"--data_dir={cifar_dir}",
+        f"--checkpoint_dir={tmp_path}",
+        f"--out_dir={tmp_path}/out",
+        *TINY,
+        ON_CPU,
+        "--device_data_gb=0",
+    ).stdout
+    assert "training images streamed from host memory" in out
+    assert_same_checkpoints(tmp_path, reference_run, "vgg")
+
+
+def test_resnet50_streamed_gives_the_metrics_held_in_memory(tmp_path):
+    data = write_celeba(str(tmp_path / "data"), n=40)
+    args = ["--pretrained=False", "--image_size=32", "--num_epochs=1", "--batch_size=8", ON_CPU]
+    args += [f"--data_dir={data}", '--target_attributes=["Blond_Hair"]', "--finetune_min_steps=0"]
+    metrics = {}
+    for budget in ("-1", "0"):
+        out = f"{tmp_path}/out{budget}"
+        run_here(
+            "resnet50.py", *args, f"--checkpoint_dir={out}", f"--out_dir={out}", f"--device_data_gb={budget}"
+        )
+        metrics[budget] = json.load(open(f"{out}/metrics.json"))["models"]
+    assert metrics["0"] == metrics["-1"]
 
 
 def test_resume_keeps_finished_work_and_refuses_another_config(reference_run, cifar_dir):
