@@ -24,6 +24,7 @@ pixels to a byte); ``random_masks_like`` moves each mask to a random place (the 
 (``shuffle_union``, ``shuffle``, ``swap``).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +288,9 @@ class PackedMasks:
     def device(self) -> torch.device:
         return self.bits.device
 
+    def to(self, device: torch.device) -> "PackedMasks":
+        return PackedMasks(self.bits.to(device), self.width)
+
     def __getitem__(self, index) -> torch.Tensor:
         bits = self.bits[index]
         unpacked = (bits[..., None] & BIT_VALUES.to(bits.device)) != 0
@@ -295,7 +299,7 @@ class PackedMasks:
     def fraction(self) -> float:
         """The share of pixels hidden, over every mask."""
         ones = sum(self[i : i + CHUNK_ROWS].sum().item() for i in range(0, len(self), CHUNK_ROWS))
-        return ones / max(1, len(self) * self.shape[1] * self.width)
+        return ones / max(1, math.prod(self.shape))
 
 
 def other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -338,8 +342,10 @@ def compute_masks(
         partners = other_class_partners(labels, generator or torch.Generator().manual_seed(0))
     mine = my_range(len(images))
     height, width = images.shape[-2:]
-    shape = (height, -(-width // 8)) if packed else (height, width)
-    masks = torch.empty(len(mine), *shape, dtype=torch.uint8 if packed else torch.bool, device=images.device)
+    if packed:
+        masks = PackedMasks.empty(len(mine), height, width, images.device).bits
+    else:
+        masks = torch.empty(len(mine), height, width, dtype=torch.bool, device=images.device)
     try:
         for index in progress(in_order(len(mine), batch_size), desc=desc):
             rows = (index + mine.start).to(images.device)
@@ -455,8 +461,7 @@ def masked_images(
     black          zeros (the paper)
     """
     check_choice("mask_fill", fill, FILLS)
-    masks = PackedMasks.pack(masks) if isinstance(masks, torch.Tensor) else masks
-    masks = PackedMasks(masks.bits.to(images.device), masks.width)
+    masks = (PackedMasks.pack(masks) if isinstance(masks, torch.Tensor) else masks).to(images.device)
     if fill == "black":
         return MaskedImages(images, masks, fill)
     return MaskedImages(

@@ -87,7 +87,7 @@ class Run:
         # the training images go to the device once when they fit, else batches stream from host memory
         # (a memory-mapped cache_dir file stays shared); every stage trains on them or on masked views
         images = self.train_set.images
-        self.streamed = not fits_on_device(images.numel(), self.device, c["device_data_gb"])
+        self.streamed = not fits_on_device(images.nbytes, self.device, c["device_data_gb"])
         self.train_images = images if self.streamed else images.to(self.device)
         self.train_labels = self.train_set.labels.to(self.device)
         # whole epochs until at least finetune_min_steps steps (one epoch of a small set is a few steps)
