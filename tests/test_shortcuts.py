@@ -190,7 +190,7 @@ def grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> 
     "kind, size, classes, n_train, marked",
     [
         ("square", 8, 10, 400, "all"),
-        ("moving_square", 6, 2, 200, "all"),
+        ("moving_square", 6, 2, 400, "all"),  # with 200, the random control lost the marker on an fp32 EPYC
         ("shape", 6, 2, 200, "all"),
         ("square", 4, 2, 200, "first"),
     ],
