@@ -3,11 +3,12 @@
 On the current device, with synthetic data of CIFAR-10 size, in images/s:
   (a) ERM training steps: this repo's path (uint8 tensor on the device, batched flips/crops, randperm)
       vs the pure model compute (forward + backward + step on a ready float batch) vs a torchvision
-      Dataset + DataLoader + PIL transforms loop, same model and batch size;
+      Dataset + DataLoader + PIL transforms loop, same model and batch size; and streamed from host
+      memory, a batch gathered one step ahead by a thread (what the scripts do past ``device_data_gb``);
   (b) masking: this repo's gradient, attention and XGradCAM masks (batched, thresholds on the device) vs
       pytorch-grad-cam's XGradCAM followed by a per-image numpy mean + 2 std threshold;
   (c) fine-tuning (training on the masked tensor) and (d) evaluation;
-  and the same for ResNet50 at `resnet_image_size`.
+  and the same for ResNet50 at `resnet_image_size`; then the peak host (and CUDA) memory after each part.
 This repo's path runs as the scripts do (``amp``, ``channels_last``); the references run the usual way, the
 same model in fp32 and NCHW. ``--amp=False --channels_last=False`` leaves only the data path and the
 algorithm to compare.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from masktune.batches import draw_epoch, flip_crop
-from masktune.device import autocast, native_bf16, pick_device, prepare_model, seed_everything
+from masktune.device import PeakMemory, autocast, native_bf16, pick_device, prepare_model, seed_everything
 from masktune.engine import TrainingSet, predict, train_epoch
 from masktune.masking import compute_masks, masked_images
 from masktune.recipes import configure
@@ -50,6 +51,7 @@ if dry_run:
     resnet_batch_size = 8
 device_ = pick_device(device)
 generator = seed_everything(seed)
+memory = PeakMemory(device_)  # peak host (and CUDA) memory after each part, printed at the end
 cpu = torch.device("cpu")
 speed = dict(channels_last=channels_last)
 
@@ -168,6 +170,14 @@ baseline = (
 )
 record("(a) VGG ERM training, this repo", ours, baseline, "DataLoader+PIL")
 print(f"{'':<44}{100 * ours / floor:>11.0f}% of the pure model compute")
+streamed = TrainingSet(images, labels_d, F.cross_entropy, batch_size, amp=amp, streamed=True)
+record(
+    "(a) VGG ERM training, streamed from host",  # what vgg.py does past device_data_gb
+    images_per_second(lambda: train_epoch(model, optimizer, streamed, generator), num_images),
+    ours,
+    "in memory",
+)
+memory.record("VGG training")
 for strategy in ("gradient", "attention", "xgradcam"):
     mask_rate = images_per_second(
         lambda s=strategy: compute_masks(model, images_d, s, batch_size=eval_batch_size, amp=amp), num_images
@@ -185,6 +195,7 @@ record(
         lambda: compute_masks(model, images_d, "gradient", batch_size=eval_batch_size, **decisive), num_images
     ),
 )
+memory.record("VGG masking")
 masks = compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, amp=amp)
 masked = TrainingSet(
     masked_images(images_d, masks, "shuffle_union", generator), labels_d, F.cross_entropy, batch_size, amp=amp
@@ -197,6 +208,7 @@ record(
     "(d) VGG evaluation",
     images_per_second(lambda: predict(model, images_d, batch_size=eval_batch_size, amp=amp), num_images),
 )
+memory.record("VGG fine-tuning and evaluation")
 
 if resnet:
     size = resnet_image_size
@@ -233,3 +245,5 @@ if resnet:
         "(d) ResNet50 evaluation",
         images_per_second(lambda: predict(r_model, r_images, batch_size=r_batch, amp=amp), resnet_images),
     )
+    memory.record("ResNet50")
+print(memory)

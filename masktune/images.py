@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from masktune.console import UserError, check, progress
-from masktune.distributed import barrier, is_main
+from masktune.distributed import barrier, is_main, my_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -114,8 +114,9 @@ def read_images(paths: list[str], size: int, desc: str = "decoding", cache_dir: 
     Threads decode in parallel (PIL releases the GIL), straight into the result. With ``cache_dir`` they are
     decoded once into a ``.npy`` file there, named by the size and the files' paths, sizes and times, and
     later runs memory-map it (copy on write): the processes of a node share one copy in the page cache, and
-    data larger than memory is paged in as batches need it. Under torchrun the first process decodes while
-    the others wait. A damaged cache file, or one of another shape, is decoded again with a notice.
+    data larger than memory is paged in as batches need it. Under torchrun each process decodes its own
+    share of the files into the one cache file. A damaged cache file, or one of another shape, is decoded
+    again with a notice.
     """
     check(len(paths) > 0, "no images to read")
     shape = (len(paths), 3, size, size)
@@ -124,9 +125,10 @@ def read_images(paths: list[str], size: int, desc: str = "decoding", cache_dir: 
         _decode_into(out, paths, desc)
         return torch.from_numpy(out)
     cache = cache_file(paths, size, cache_dir)
-    if is_main() and mapped_cache(cache, shape) is None:
+    missing = mapped_cache(cache, shape) is None
+    barrier()  # every process has looked before any writes: they agree on whether to decode
+    if missing:
         _write_cache(cache, paths, shape, desc)
-    barrier()
     images = mapped_cache(cache, shape)
     check(images is not None, f"cache {cache!r} could not be read back after it was written")
     return images
@@ -161,30 +163,38 @@ def mapped_cache(cache: str, shape: tuple) -> torch.Tensor | None:
 
 
 def _write_cache(cache: str, paths: list[str], shape: tuple, desc: str) -> None:
-    """Decode into a new cache file: checked against the free disk space first, written under a temporary
-    name and renamed when complete, so that a cache file is never partial."""
+    """Decode into a new cache file, each process its ``my_range`` share (under torchrun; else all of it):
+    checked against the free disk space first, written under a temporary name and renamed when complete, so
+    that a cache file is never partial."""
     folder = os.path.dirname(os.path.abspath(cache))
-    os.makedirs(folder, exist_ok=True)
-    needed, free = int(np.prod(shape)) + 4096, shutil.disk_usage(folder).free
-    check(
-        needed < free,
-        f"cache_dir {folder!r} has {free / 1e9:.2f} GB free and {shape[0]} decoded images need "
-        f"{needed / 1e9:.2f} GB: free some space, or set cache_dir to another disk (or '')",
-    )
-    partial = f"{cache}.partial-{os.getpid()}"
+    job = os.environ.get("TORCHELASTIC_RUN_ID", os.getpid())  # one name for a torchrun job's processes
+    partial = f"{cache}.partial-{job}"
     try:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not in a page write
-            with open(partial, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))
-        _decode_into(out, paths, desc)
+        if is_main():
+            os.makedirs(folder, exist_ok=True)
+            needed, free = int(np.prod(shape)) + 4096, shutil.disk_usage(folder).free
+            check(
+                needed < free,
+                f"cache_dir {folder!r} has {free / 1e9:.2f} GB free and {shape[0]} decoded images need "
+                f"{needed / 1e9:.2f} GB: free some space, or set cache_dir to another disk (or '')",
+            )
+            np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate"):  # reserve the blocks: a full disk fails here, not in a write
+                with open(partial, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(partial))
+        barrier()
+        out, mine = np.load(partial, mmap_mode="r+"), my_range(len(paths))
+        _decode_into(out[mine.start : mine.stop], paths[mine.start : mine.stop], desc)
         out.flush()
         del out
-        os.replace(partial, cache)
+        barrier()
+        if is_main():
+            os.replace(partial, cache)
+        barrier()
     except OSError as e:
         raise UserError(f"could not write the cache {cache}: {e.strerror or e}") from e
     finally:
-        if os.path.exists(partial):
+        if is_main() and os.path.exists(partial):
             os.remove(partial)
 
 

@@ -108,3 +108,44 @@ def test_prediction_and_masking_with_fewer_images_than_processes(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert first["logits"].shape == (1, 10) and first["masks"].shape == (1, 32, 32)
     assert torch.equal(first["logits"], second["logits"]) and torch.equal(first["masks"], second["masks"])
+
+
+SHARDED_CACHE = """
+import sys
+import masktune.images as images_module
+from masktune.distributed import init_distributed, rank
+import torch
+init_distributed(torch.device("cpu"))
+decoded = []
+read = images_module._read_image
+images_module._read_image = lambda path, size: decoded.append(path) or read(path, size)
+images = images_module.read_images(sys.argv[2:], 8, cache_dir=sys.argv[1])
+torch.save({"images": images.clone(), "decoded": decoded}, f"{sys.argv[1]}/../rank{rank()}.pt")
+"""
+
+
+def test_two_processes_decode_a_share_each_into_one_cache_file(tmp_path):
+    """Under torchrun each process decodes its half of the files into the one cache file; both map all of
+    it, equal to a single-process decoding."""
+    from PIL import Image
+
+    from masktune.images import read_images
+
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (40 * i, 7, 200 - 30 * i)).save(paths[-1])
+    script = tmp_path / "sharded_cache.py"
+    script.write_text(SHARDED_CACHE)
+    cache_dir = tmp_path / "cache"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [*command, str(script), str(cache_dir), *paths], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert first["decoded"] == paths[:3] and second["decoded"] == paths[3:]  # my_range's shares
+    expected = read_images(paths, 8)
+    assert torch.equal(first["images"], expected) and torch.equal(second["images"], expected)
+    assert len(os.listdir(cache_dir)) == 1  # the cache, nothing partial left
