@@ -47,7 +47,8 @@ def method(config: dict) -> str:
         if extent == "fixed" and config["masking"] != "xgradcam"
         else ""
     )
-    return f"{config['masking']}, {extent}{size}, {config['mask_fill']}"
+    widened = ", widened" if config.get("mask_widen") else ""
+    return f"{config['masking']}, {extent}{size}{widened}, {config['mask_fill']}"
 
 
 def read_runs(folders: list[str]) -> list[dict]:

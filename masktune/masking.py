@@ -15,7 +15,11 @@ How much of a map is masked (``mask_extent``):
              probability than with the region replaced by the partner's pixels. A marker is found at
              its own size; an image whose prediction follows no such region (what a clean image's object
              usually gives: on plain CIFAR-10 about one image in twenty) gets no mask, so the fine-tune
-             sees it unchanged and cannot be damaged by it.
+             sees it unchanged and cannot be damaged by it. With ``widen`` (off by default) each mask
+             then grows by the gradient map's box-filter half-width: the blur puts the threshold's edge
+             inside a large marker, whose rim stays in view and is what the fine-tune then learns (the
+             12x12 square: 75% of it hidden, 95% widened); on a small one the wider mask only hides
+             more of the object (see RESULTS.md).
   fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
              ``num_std`` std of the positive CAM (xgradcam: the paper's).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden, or a training set's ``PackedMasks`` (eight
@@ -94,8 +98,19 @@ def gradient_saliency(
         logits = model(pixels)[0]
         (grads,) = torch.autograd.grad(explained_score(logits.float(), None, multilabel), pixels)
     contribution = (grads * (pixels.detach() - 255 * model.mean)).sum(1)
-    side = round(smoothing * min(inputs.shape[-2:])) // 2 * 2 + 1
-    return box_filter(contribution, side).clamp_min(0)
+    return box_filter(contribution, smoothing_side(smoothing, inputs)).clamp_min(0)
+
+
+def smoothing_side(smoothing: float, inputs: torch.Tensor) -> int:
+    """The gradient map's box-filter side: ``smoothing`` of the image side, rounded to an odd number."""
+    return round(smoothing * min(inputs.shape[-2:])) // 2 * 2 + 1
+
+
+def grow_masks(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """bool (B, H, W) masks grown by ``radius`` pixels in every direction (a square dilation)."""
+    if radius == 0:
+        return masks
+    return F.max_pool2d(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0].bool()
 
 
 def xgradcam_saliency(
@@ -137,13 +152,15 @@ def quantile_threshold(cam: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 def mask_settings(config: dict) -> dict:
-    """A run's masking settings (``mask_extent``, ``mask_quantile``, ``mask_std``, ``gradient_smoothing`` in
-    vgg.py and resnet50.py), checked, as the keyword arguments of ``saliency_mask`` and ``compute_masks``."""
+    """A run's masking settings (``mask_extent``, ``mask_widen``, ``mask_quantile``, ``mask_std``,
+    ``gradient_smoothing`` in vgg.py and resnet50.py), checked, as the keyword arguments of ``saliency_mask``
+    and ``compute_masks``."""
     check_choice("mask_extent", config["mask_extent"], EXTENTS)
     check(0 < config["mask_quantile"] < 1, "mask_quantile must be between 0 and 1")
     check(0 <= config["gradient_smoothing"] <= 1, "gradient_smoothing must be between 0 and 1")
     return dict(
         extent=config["mask_extent"],
+        widen=config.get("mask_widen", False),  # runs from before the setting did not widen
         quantile=config["mask_quantile"],
         num_std=config["mask_std"],
         smoothing=config["gradient_smoothing"],
@@ -231,6 +248,7 @@ def saliency_mask(
     strategy: str,
     *,
     extent: str = "fixed",
+    widen: bool = False,
     partners: torch.Tensor | None = None,
     quantile: float = 0.75,
     num_std: float = 2.0,
@@ -239,13 +257,16 @@ def saliency_mask(
     amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(heatmap, mask) for a batch of uint8 images; mask is True where pixels are hidden. ``partners``: the
-    images the decisive extent tests each region against. ``amp``: bf16 where native (see
-    ``trunk_features``)."""
+    images the decisive extent tests each region against; ``widen``: see the module docstring. ``amp``: bf16
+    where native (see ``trunk_features``)."""
     check_choice("mask_extent", extent, EXTENTS)
     cam = saliency_map(model, inputs, strategy, smoothing=smoothing, multilabel=multilabel, amp=amp)
     if extent == "decisive":
         check(partners is not None, "the decisive mask extent needs partner images")
-        return cam, decisive_masks(model, inputs, partners, cam, multilabel, amp)
+        masks = decisive_masks(model, inputs, partners, cam, multilabel, amp)
+        if widen and strategy == "gradient":  # the rim the box filter blurred below the threshold
+            masks = grow_masks(masks, smoothing_side(smoothing, inputs) // 2)
+        return cam, masks
     if strategy == "xgradcam":
         threshold = mean_std_threshold(cam, num_std)
     else:

@@ -17,6 +17,7 @@ from masktune.masking import (
     compute_masks,
     fill_masks,
     gradient_saliency,
+    grow_masks,
     masked_images,
     mean_std_threshold,
     other_class_partners,
@@ -79,10 +80,11 @@ def test_gradient_saliency_is_gradient_times_normalised_input():
 
 
 def two_class_images(n: int, region: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """8x8 images whose ``region`` is bright (class 0) or dark (class 1); mid-grey noise elsewhere."""
+    """Images of ``region``'s size whose ``region`` is bright (class 0) or dark (class 1); mid-grey noise
+    elsewhere."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
-    images = torch.randint(100, 156, (n, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    images = torch.randint(100, 156, (n, 3, *region.shape), generator=generator, dtype=torch.uint8)
     images[:, :, region] = torch.where(labels == 0, 240, 15).to(torch.uint8).view(-1, 1, 1)
     return images, labels
 
@@ -101,6 +103,38 @@ def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size
         model, images, "gradient", batch_size=16, labels=labels, extent="decisive", smoothing=0
     )
     assert (masks == corner).all()
+
+
+@pytest.mark.parametrize("side", [4, 12])
+def test_the_widened_decisive_mask_hides_a_marker_of_any_size_whole(side):
+    """A linear model that reads only a side x side corner of 32x32 images (2% or 14% of the image): the
+    default smoothing blurs the map's edge by 2 pixels (the box filter's half-width), so the region found
+    misses the rim of a large marker (without ``widen``); widened by those 2 pixels, the mask hides all of
+    the marker, and at most 4 pixels beyond it (the blur's 2 and the widening's 2)."""
+    corner = torch.zeros(32, 32, dtype=torch.bool)
+    corner[:side, :side] = True
+    weight = torch.zeros(2, 3, 32, 32)
+    weight[0, :, corner], weight[1, :, corner] = 1.0, -1.0
+    images, labels = two_class_images(40, corner)
+    masks = compute_masks(
+        LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive", widen=True
+    )
+    assert (masks & corner).flatten(1).sum(1).eq(side * side).all()
+    assert (masks & ~corner).flatten(1).sum(1).le((side + 4) ** 2 - side * side).all()
+    if side == 12:
+        unwidened = compute_masks(
+            LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive"
+        )
+        assert (unwidened & corner).flatten(1).sum(1).lt(side * side).all()
+
+
+def test_grow_masks_by_a_radius():
+    mask = torch.zeros(1, 7, 7, dtype=torch.bool)
+    mask[0, 3, 3] = True
+    assert torch.equal(grow_masks(mask, 0), mask)
+    grown = torch.zeros_like(mask)
+    grown[0, 1:6, 1:6] = True
+    assert torch.equal(grow_masks(mask, 2), grown)
 
 
 def test_the_decisive_extent_masks_nothing_where_the_whole_image_decides():
