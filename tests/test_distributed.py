@@ -89,23 +89,28 @@ torch.save({"logits": logits, "masks": masks}, f"{sys.argv[1]}/rank{rank()}.pt")
 """
 
 
+def two_processes(tmp_path, source: str, *args: str) -> list[dict]:
+    """Run the script ``source`` under torchrun in 2 CPU processes (Gloo) with ``tmp_path`` and ``args`` as
+    its arguments; each process saves what it found to ``tmp_path/rank<N>.pt``: both, loaded."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(source)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
 def test_prediction_and_masking_with_fewer_images_than_processes(tmp_path):
     """Process 1 has no image of its own: it must still take part in the gather (not hang) and get it all."""
-    script = tmp_path / "one_image.py"
-    script.write_text(FEWER_IMAGES_THAN_PROCESSES)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(tmp_path),
-    ]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    first, second = two_processes(tmp_path, FEWER_IMAGES_THAN_PROCESSES)
     assert first["logits"].shape == (1, 10) and first["masks"].shape == (1, 32, 32)
     assert torch.equal(first["logits"], second["logits"]) and torch.equal(first["masks"], second["masks"])
 
@@ -119,8 +124,8 @@ init_distributed(torch.device("cpu"))
 decoded = []
 read = images_module._read_image
 images_module._read_image = lambda path, size: decoded.append(path) or read(path, size)
-images = images_module.read_images(sys.argv[2:], 8, cache_dir=sys.argv[1])
-torch.save({"images": images.clone(), "decoded": decoded}, f"{sys.argv[1]}/../rank{rank()}.pt")
+images = images_module.read_images(sys.argv[3:], 8, cache_dir=sys.argv[2])
+torch.save({"images": images.clone(), "decoded": decoded}, f"{sys.argv[1]}/rank{rank()}.pt")
 """
 
 
@@ -135,16 +140,8 @@ def test_two_processes_decode_a_share_each_into_one_cache_file(tmp_path):
     for i in range(5):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (8, 8), (40 * i, 7, 200 - 30 * i)).save(paths[-1])
-    script = tmp_path / "sharded_cache.py"
-    script.write_text(SHARDED_CACHE)
     cache_dir = tmp_path / "cache"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [*command, str(script), str(cache_dir), *paths], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    first, second = two_processes(tmp_path, SHARDED_CACHE, str(cache_dir), *paths)
     assert first["decoded"] == paths[:3] and second["decoded"] == paths[3:]  # my_range's shares
     expected = read_images(paths, 8)
     assert torch.equal(first["images"], expected) and torch.equal(second["images"], expected)
