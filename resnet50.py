@@ -93,6 +93,8 @@ mask_extent = "decisive"  # per image, the smallest top region the prediction fo
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
 # rim (its val conflicting 20 -> 44%) but more of the object around a 4x4 one (its clean 68 -> 61%)
+mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
+# instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_quantile = 0.97  # fixed extent: pixels above this per-image quantile of the map (3%)
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM
@@ -165,7 +167,7 @@ if masking == "feature":  # the report's learned feature mask: the clean images,
     extra = {}
 else:
     load_weights(model, erm_best, run.path("initial"))
-    masks = run.masks(model)
+    masks = run.masks(model, optimizer, start)  # with mask_rounds > 1, fine-tunes from start in between
     print(
         f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.fraction():.2f}% of "
         "training pixels masked"

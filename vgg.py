@@ -77,6 +77,8 @@ mask_extent = "decisive"  # per image, the smallest top region the prediction fo
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
 # rim (its val conflicting 20 -> 44%) but more of the object around a 4x4 one (its clean 68 -> 61%)
+mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
+# instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_quantile = 0.97  # fixed extent, gradient, attention: pixels above this per-image quantile of the map
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # fixed extent, xgradcam: pixels above mean + mask_std * std of the positive CAM
@@ -153,9 +155,14 @@ if finetune_epochs == 0:
     raise SystemExit(0)
 
 # 2. masking the training set once, with the frozen best ERM model --------------------------------------
+start = (
+    erm_best
+    if finetune_from == "best"
+    else load_checkpoint(run.path("last"), "VGGWithAttention", num_classes)
+)
 load_weights(model, erm_best, run.path("initial"))
 mask_start = time.time()
-masks = run.masks(model)
+masks = run.masks(model, optimizer, start)  # with mask_rounds > 1, fine-tunes from start in between
 mask_seconds = time.time() - mask_start
 memory.record("masking")
 masked_fraction = masks.fraction()
@@ -173,11 +180,6 @@ if coverage:
 figure = WhyFigure(run, model, masks)  # where the ERM model looks, before the fine-tunes change it
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------
-start = (
-    erm_best
-    if finetune_from == "best"
-    else load_checkpoint(run.path("last"), "VGGWithAttention", num_classes)
-)
 results = {"erm": {**erm_best["metrics"], "seconds": erm_seconds}}
 for name, images in run.fine_tune_sets(masks).items():  # finetuned, and the controls nomask, randommask
     load_weights(model, start)

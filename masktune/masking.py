@@ -317,6 +317,10 @@ class PackedMasks:
         unpacked = (bits[..., None] & BIT_VALUES.to(bits.device)) != 0
         return unpacked.flatten(-2)[..., : self.width]
 
+    def __or__(self, other: "PackedMasks") -> "PackedMasks":
+        """The pixels hidden by either."""
+        return PackedMasks(self.bits | other.bits, self.width)
+
     def fraction(self) -> float:
         """The share of pixels hidden, over every mask."""
         ones = sum(self[i : i + CHUNK_ROWS].sum().item() for i in range(0, len(self), CHUNK_ROWS))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from masktune.checkpoint import load_checkpoint
+from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.console import check, check_choice
 from masktune.device import fits_on_device
 from masktune.distributed import is_main
@@ -63,6 +63,7 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
         "momentum must be in [0, 1), weight_decay >= 0",
     )
     check_choice("masking", config["masking"], strategies)
+    check(config["mask_rounds"] >= 1, "mask_rounds must be at least 1")
     check_choice("mask_fill", config["mask_fill"], FILLS)
     check_choice("finetune_from", config["finetune_from"], ("best", "last"))
     check_choice("finetune_schedule", config["finetune_schedule"], FINETUNE_SCHEDULES)
@@ -147,9 +148,26 @@ class Run:
         """The ``Stage`` named ``name`` that writes ``{prefix}_{file}.pt``."""
         return Stage(name, self.path(file), self.config, self.config["resume"], **settings)
 
-    def masks(self, model: nn.Module) -> PackedMasks:
+    def masks(self, model: nn.Module, optimizer: torch.optim.Optimizer, start: dict) -> PackedMasks:
         """The training set's masks from the frozen ``model`` (the best ERM epoch), with the run's masking
-        settings, packed, on the training images' device."""
+        settings, packed, on the training images' device. With ``mask_rounds`` > 1, each further round
+        fine-tunes ``model`` from ``start`` (weights and ``optimizer`` state) on the images masked so far,
+        as MaskTune does, and adds the masks of that model: what the fine-tune learned in place of the
+        masked pixels (a large marker's unmasked rim). ``model`` ends with its own weights again."""
+        masks = self.masks_of(model, "masking")
+        if self.config["mask_rounds"] == 1:
+            return masks
+        own = {k: v.clone() for k, v in model.state_dict().items()}
+        for done in range(1, self.config["mask_rounds"]):
+            load_weights(model, start)
+            optimizer.load_state_dict(start["optimizer"])
+            self.fine_tune(model, optimizer, f"round{done}", self.masked(masks))
+            masks = masks | self.masks_of(model, f"masking, round {done + 1}")
+        model.load_state_dict(own)
+        return masks
+
+    def masks_of(self, model: nn.Module, desc: str) -> PackedMasks:
+        """The training set's masks from the frozen ``model``, with the run's masking settings."""
         c = self.config
         return compute_masks(
             model,
@@ -161,6 +179,7 @@ class Run:
             multilabel=self.train_labels.is_floating_point(),
             amp=c["amp"],
             packed=True,
+            desc=desc,
             **mask_settings(c),
         )
 
@@ -173,10 +192,12 @@ class Run:
         if c["controls"]:
             masks_of["nomask"] = PackedMasks.empty(*masks.shape, masks.device)
             masks_of["randommask"] = random_masks_like(masks, stream(c["seed"], "random_masks"))
-        return {
-            name: masked_images(self.train_images, m, c["mask_fill"], stream(c["seed"], "fill_pairing"))
-            for name, m in masks_of.items()
-        }
+        return {name: self.masked(m) for name, m in masks_of.items()}
+
+    def masked(self, masks: PackedMasks) -> MaskedImages:
+        """The training images with ``masks`` filled; every variant and round draws the same pairing."""
+        c = self.config
+        return masked_images(self.train_images, masks, c["mask_fill"], stream(c["seed"], "fill_pairing"))
 
     def fine_tune(
         self,

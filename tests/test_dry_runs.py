@@ -18,7 +18,8 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
         f"--out_dir={tmp_path}/out",
         *SMALL,
     ]
-    run_here("vgg.py", *args, "--shortcut=square", "--mask_extent=decisive", "--controls=False")
+    run_here("vgg.py", *args, "--shortcut=square", "--mask_rounds=2", "--controls=False")
+    assert os.path.getsize(tmp_path / "ckpt" / "vgg_round1.pt") > 0  # the fine-tune between mask rounds
     run_here("evaluate_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out")
     run_here(
         "selective_classification_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"

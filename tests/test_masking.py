@@ -237,6 +237,9 @@ def test_packed_masks_hold_every_pixel_in_an_eighth_of_the_memory(width):
     # the random-mask control moves packed masks (chunk by chunk) exactly as it moves bool ones
     moved = random_masks_like(packed, torch.Generator().manual_seed(1))
     assert torch.equal(moved[:], random_masks_like(masks, torch.Generator().manual_seed(1)))
+    # the masks of two rounds add up pixel by pixel
+    other = torch.rand(masks.shape, generator=torch.Generator().manual_seed(2)) < 0.3
+    assert torch.equal((packed | PackedMasks.pack(other))[:], masks | other)
 
 
 @pytest.mark.parametrize("fill", ["shuffle_union", "shuffle", "swap", "black"])
