@@ -161,7 +161,7 @@ print(
 start = erm_best if finetune_from == "best" else load_checkpoint(run.path("last"), "ResNet50")
 memory.record("ERM")
 
-# 2. masking once with the frozen best ERM model, then the fine-tunes -------------------------------------
+# 2. masking with the frozen best ERM model (mask_rounds > 1: again after a fine-tune), then the fine-tunes
 if masking == "feature":  # the report's learned feature mask: the clean images, a new module
     variants = {"finetuned": run.train_images, **({"nomask": run.train_images} if controls else {})}
     extra = {}

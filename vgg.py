@@ -154,7 +154,7 @@ if finetune_epochs == 0:
     print(f"finetune_epochs=0: ERM only, {run.path('initial')} written")
     raise SystemExit(0)
 
-# 2. masking the training set once, with the frozen best ERM model --------------------------------------
+# 2. masking the training set with the frozen best ERM model (mask_rounds > 1: again after a fine-tune) ---
 start = (
     erm_best
     if finetune_from == "best"
