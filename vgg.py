@@ -166,9 +166,14 @@ masks = run.masks(model, optimizer, start)  # with mask_rounds > 1, fine-tunes f
 mask_seconds = time.time() - mask_start
 memory.record("masking")
 masked_fraction = masks.fraction()
+rate = (
+    f"{len(masks) / mask_seconds:.0f} images/s"
+    if mask_rounds == 1
+    else f"{mask_rounds} rounds, fine-tunes included"
+)
 print(
     f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of training "
-    f"pixels masked on average, {mask_seconds:.1f}s ({len(masks) / mask_seconds:.0f} images/s)"
+    f"pixels masked on average, {mask_seconds:.1f}s ({rate})"
 )
 # with a planted shortcut: do the masks find it? (a researcher's own data has no ground truth for this)
 coverage = marker_coverage(masks[:], train_set) if shortcut else None
