@@ -48,7 +48,9 @@ def method(config: dict) -> str:
         else ""
     )
     widened = ", widened" if config.get("mask_widen") else ""
-    return f"{config['masking']}, {extent}{size}{widened}, {config['mask_fill']}"
+    reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""
+    rounds = f", {config['mask_rounds']} rounds{reach}" if config.get("mask_rounds", 1) > 1 else ""
+    return f"{config['masking']}, {extent}{size}{widened}{rounds}, {config['mask_fill']}"
 
 
 def read_runs(folders: list[str]) -> list[dict]:

@@ -95,6 +95,8 @@ mask_widen = False  # decisive, gradient: grow each mask by half the smoothing s
 # rim (its val conflicting 20 -> 44%) but more of the object around a 4x4 one (its clean 68 -> 61%)
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
+mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the
+# image side: a large marker's rim, not the object elsewhere); 0: anywhere
 mask_quantile = 0.97  # fixed extent: pixels above this per-image quantile of the map (3%)
 gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
 mask_std = 2.0  # xgradcam: mask pixels above mean + mask_std * std of the positive CAM

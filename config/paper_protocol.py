@@ -9,6 +9,7 @@ masking = "xgradcam"
 mask_extent = "fixed"
 mask_std = 2.0
 mask_fill = "black"
+mask_rounds = 1
 finetune_from = "last"
 finetune_epochs = 1
 finetune_min_steps = 0

@@ -321,6 +321,16 @@ class PackedMasks:
         """The pixels hidden by either."""
         return PackedMasks(self.bits | other.bits, self.width)
 
+    def near(self, other: "PackedMasks", pixels: int) -> "PackedMasks":
+        """The pixels of these masks within ``pixels`` (in both directions) of a pixel ``other`` hides."""
+        kernel = 2 * pixels + 1
+        rows = []
+        for i in range(0, len(self), CHUNK_ROWS):
+            hidden = other[i : i + CHUNK_ROWS][:, None].float()
+            around = F.max_pool2d(hidden, kernel, stride=1, padding=pixels)[:, 0] > 0
+            rows.append(PackedMasks.pack(self[i : i + CHUNK_ROWS] & around).bits)
+        return PackedMasks(torch.cat(rows), self.width)
+
     def fraction(self) -> float:
         """The share of pixels hidden, over every mask."""
         ones = sum(self[i : i + CHUNK_ROWS].sum().item() for i in range(0, len(self), CHUNK_ROWS))

@@ -64,6 +64,7 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
     )
     check_choice("masking", config["masking"], strategies)
     check(config["mask_rounds"] >= 1, "mask_rounds must be at least 1")
+    check(0 <= config["mask_round_reach"] <= 1, "mask_round_reach must be in [0, 1]")
     check_choice("mask_fill", config["mask_fill"], FILLS)
     check_choice("finetune_from", config["finetune_from"], ("best", "last"))
     check_choice("finetune_schedule", config["finetune_schedule"], FINETUNE_SCHEDULES)
@@ -158,11 +159,13 @@ class Run:
         if self.config["mask_rounds"] == 1:
             return masks
         own = {k: v.clone() for k, v in model.state_dict().items()}
+        reach = round(self.config["mask_round_reach"] * masks.shape[-1])
         for done in range(1, self.config["mask_rounds"]):
             load_weights(model, start)
             optimizer.load_state_dict(start["optimizer"])
             self.fine_tune(model, optimizer, f"round{done}", self.masked(masks))
-            masks = masks | self.masks_of(model, f"masking, round {done + 1}")
+            more = self.masks_of(model, f"masking, round {done + 1}")
+            masks = masks | (more.near(masks, reach) if reach > 0 else more)
         model.load_state_dict(own)
         return masks
 

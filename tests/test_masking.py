@@ -242,6 +242,19 @@ def test_packed_masks_hold_every_pixel_in_an_eighth_of_the_memory(width):
     assert torch.equal((packed | PackedMasks.pack(other))[:], masks | other)
 
 
+def test_a_further_round_keeps_only_the_pixels_near_the_masks_so_far():
+    """A 12x12 marker's rim (next to the first round's mask) stays; a region across the image goes."""
+    first = torch.zeros(2, 32, 32, dtype=torch.bool)
+    first[0, 22:30, 2:10] = True  # the marker's middle; the second image has no mask yet
+    more = torch.zeros(2, 32, 32, dtype=torch.bool)
+    more[:, 20:32, 0:12] = True  # the marker's rim, two pixels wide
+    more[:, 2:8, 20:26] = True  # the object, far from the marker
+    near = PackedMasks.pack(more).near(PackedMasks.pack(first), 3)[:]
+    expected = torch.zeros_like(more)
+    expected[0, 20:32, 0:12] = True  # every rim pixel is within 2 of the middle
+    assert torch.equal(near, expected)
+
+
 @pytest.mark.parametrize("fill", ["shuffle_union", "shuffle", "swap", "black"])
 def test_the_per_batch_fill_equals_the_filled_copy_image_for_image(fill):
     """What a fine-tune draws batch by batch (packed masks, gathered per batch) equals the filled set."""
