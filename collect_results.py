@@ -20,7 +20,7 @@ import sys
 from masktune.console import check, install_error_hook
 from masktune.metrics import mean_std
 
-MODELS = ("ERM", "MaskTune", "no-mask control", "random-mask control")
+MODELS = ("ERM", "MaskTune", "MaskTune, round 1", "no-mask control", "random-mask control")
 SHIFTED = ("clean", "conflicting", "worst_group")  # a planted shortcut's columns, on val and test
 
 

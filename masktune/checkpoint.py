@@ -128,14 +128,19 @@ def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.
 NOT_RUN_SETTINGS = ("resume", "device", "eval_batch_size", "out_dir", "cache_dir", "checkpoint_dir")
 
 
+def differing_settings(theirs: dict, ours: dict) -> list[str]:
+    """The run settings on which two configs differ (not those that may change between sessions)."""
+    keys = {**theirs, **ours}.keys() - set(NOT_RUN_SETTINGS)
+    return sorted(k for k in keys if theirs.get(k) != ours.get(k))
+
+
 def resumable(path: str, config: dict) -> dict | None:
     """The checkpoint at ``path`` when it belongs to this same run (to resume from), None when absent."""
     if not os.path.exists(path):
         return None
     state = load_checkpoint(path)
-    theirs = {k: v for k, v in state["config"].items() if k not in NOT_RUN_SETTINGS}
-    ours = {k: v for k, v in config.items() if k not in NOT_RUN_SETTINGS}
-    differing = sorted(k for k in {**theirs, **ours} if theirs.get(k) != ours.get(k))
+    differing = differing_settings(state["config"], config)
+    theirs = state["config"]
     check(
         not differing,
         f"cannot resume from {path!r}: it was written with other settings ("
@@ -151,7 +156,9 @@ RUN_MODELS = {
     "finetuned": "MaskTune",
     "nomask": "no-mask control",
     "randommask": "random-mask control",
+    "round1": "MaskTune, round 1",  # mask_rounds > 1: the fine-tune on the first masks (mask_rounds = 1's)
 }
+OPTIONAL_MODELS = ("nomask", "randommask", "round1")  # trained by some runs only
 
 
 def load_run(
@@ -163,7 +170,7 @@ def load_run(
     models, states = {}, {}
     for name in RUN_MODELS:
         path = os.path.join(checkpoint_dir, f"{prefix}_{name}.pt")
-        if name in ("nomask", "randommask") and not os.path.exists(path):
+        if name in OPTIONAL_MODELS and not os.path.exists(path):
             continue
         states[name] = load_checkpoint(path)
         check(
@@ -172,10 +179,10 @@ def load_run(
         )
         model = classes[states[name]["architecture"]](states[name]["num_classes"])
         models[name] = load_weights(model, states[name], path).to(device).eval()
-    for name in ("nomask", "randommask"):
+    for name in OPTIONAL_MODELS:
         if name in states:
             check(
-                states[name]["config"] == states["finetuned"]["config"],
+                not differing_settings(states[name]["config"], states["finetuned"]["config"]),
                 f"{prefix}_{name}.pt comes from another run than {prefix}_finetuned.pt",
             )
     return models, states
