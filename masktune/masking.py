@@ -20,6 +20,10 @@ How much of a map is masked (``mask_extent``):
              inside a large marker, whose rim stays in view and is what the fine-tune then learns (the
              12x12 square: 75% of it hidden, 95% widened); on a small one the wider mask only hides
              more of the object (see RESULTS.md).
+  rounds     (``mask_rounds`` > 1, off by default; ``pipeline.Run.masks``) fine-tune on the masks, then add
+             the fine-tuned model's masks: what it learned in place of the masked pixels (a large marker's
+             rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
+             (``PackedMasks.near``), so that a digit or an object elsewhere is not masked too.
   fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
              ``num_std`` std of the positive CAM (xgradcam: the paper's).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden, or a training set's ``PackedMasks`` (eight

@@ -20,14 +20,6 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     ]
     run_here("vgg.py", *args, "--shortcut=square", "--mask_rounds=2", "--controls=False")
     assert os.path.getsize(tmp_path / "ckpt" / "vgg_round1.pt") > 0  # the fine-tune between mask rounds
-    # stopped after the round's fine-tune: --resume=True keeps it and computes the same masks again
-    masks_sha1 = json.load(open(tmp_path / "out" / "summary.json"))["masks_sha1"]
-    os.remove(tmp_path / "ckpt" / "vgg_finetuned.pt")
-    log = run_here(
-        "vgg.py", *args, "--shortcut=square", "--mask_rounds=2", "--controls=False", "--resume=True"
-    )
-    assert "fine-tune round1: done before, kept" in log
-    assert json.load(open(tmp_path / "out" / "summary.json"))["masks_sha1"] == masks_sha1
     run_here("evaluate_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out")
     run_here(
         "selective_classification_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"
@@ -84,3 +76,21 @@ def test_bench_with_resnet50_and_the_references():
     out = run_here("bench.py", "--dry_run=True", "--device=cpu")
     for stage in ("(a) ResNet50 training", "(b) ResNet50 masking", "pytorch-grad-cam", "DataLoader+PIL"):
         assert stage in out
+
+
+@pytest.mark.slow
+def test_resume_keeps_a_finished_mask_round(tmp_path, cifar_dir):
+    """Stopped after the round's fine-tune: --resume=True keeps it and computes the same masks again."""
+    args = [
+        f"--data_dir={cifar_dir}",
+        f"--checkpoint_dir={tmp_path}/ckpt",
+        f"--out_dir={tmp_path}/out",
+        *SMALL,
+    ]
+    args += ["--shortcut=square", "--mask_rounds=2", "--controls=False"]
+    run_here("vgg.py", *args)
+    masks_sha1 = json.load(open(tmp_path / "out" / "summary.json"))["masks_sha1"]
+    os.remove(tmp_path / "ckpt" / "vgg_finetuned.pt")
+    log = run_here("vgg.py", *args, "--resume=True")
+    assert "fine-tune round1: done before, kept" in log
+    assert json.load(open(tmp_path / "out" / "summary.json"))["masks_sha1"] == masks_sha1
