@@ -94,15 +94,15 @@ def cell(values: list[float]) -> str:
 
 def rows_of(runs: list[dict]) -> list[tuple[str, list[dict], str]]:
     """(row label, runs, model): ERM once (from the first method's runs), then each method's MaskTune and
-    the controls of each method that trained them."""
+    the other models its runs all trained (round 1 of mask_rounds > 1, the controls)."""
     methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "as published", m))
     rows = [("ERM", [r for r in runs if r["method"] == methods[0]], "ERM")]
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
         rows.append((f"MaskTune, {m}", mine, "MaskTune"))
-        for control in MODELS[2:]:
-            if all(control in r["models"] for r in mine):
-                rows.append((f"{control} ({m})", mine, control))
+        for model in MODELS[2:]:
+            if all(model in r["models"] for r in mine):
+                rows.append((f"{model} ({m})", mine, model))
     return rows
 
 

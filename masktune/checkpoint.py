@@ -139,8 +139,8 @@ def resumable(path: str, config: dict) -> dict | None:
     if not os.path.exists(path):
         return None
     state = load_checkpoint(path)
-    differing = differing_settings(state["config"], config)
     theirs = state["config"]
+    differing = differing_settings(theirs, config)
     check(
         not differing,
         f"cannot resume from {path!r}: it was written with other settings ("
