@@ -204,8 +204,11 @@ CELEBA_ATTRIBUTES = (
 ).split()
 
 
-def write_celeba(root: str, layout: str = "kaggle", n: int = 60, seed: int = 0) -> str:
-    """A tiny CelebA: noise JPEGs (40 wide, 48 high) where Blond_Hair = 1 puts a bright square top left.
+def write_celeba(
+    root: str, layout: str = "kaggle", n: int = 60, seed: int = 0, size: tuple[int, int] = (48, 40)
+) -> str:
+    """A small CelebA: noise JPEGs (``size``: height, width; the real images are 218 x 178) where
+    Blond_Hair = 1 puts a bright square, 0.4 of the width wide, top left.
 
     layout "kaggle": list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/img_align_celeba/*.jpg
     layout "torchvision": celeba/list_attr_celeba.txt, celeba/list_eval_partition.txt,
@@ -227,9 +230,10 @@ def write_celeba(root: str, layout: str = "kaggle", n: int = 60, seed: int = 0) 
     )
     os.makedirs(images, exist_ok=True)
     for i, image_id in enumerate(ids):
-        pixels = rng.integers(0, 80, size=(48, 40, 3), dtype=np.uint8)
+        pixels = rng.integers(0, 80, size=(*size, 3), dtype=np.uint8)
         if values[i, blond] == 1:
-            pixels[4:20, 4:20] = 255
+            side = size[1] // 10
+            pixels[side : 5 * side, side : 5 * side] = 255
         Image.fromarray(pixels).save(os.path.join(images, image_id), quality=95)
     if layout == "kaggle":
         with open(os.path.join(base, "list_attr_celeba.csv"), "w") as f:
