@@ -16,7 +16,6 @@ Writes to out_dir: metrics.json, predictions.csv (a row per test image and test 
 
 import json
 import os
-from dataclasses import replace
 
 import torch
 
@@ -26,11 +25,11 @@ from masktune.datasets import experiment_data
 from masktune.device import pick_device
 from masktune.engine import predict
 from masktune.masking import compute_masks, fill_masks, mask_settings
-from masktune.metrics import group_accuracy, per_class_accuracy, shortcut_metrics, write_predictions
+from masktune.metrics import group_accuracy, per_class_accuracy, write_predictions
 from masktune.plots import save_grouped_bars
 from masktune.recipes import check_run_settings, configure
 from masktune.seeds import stream
-from masktune.shortcuts import evaluation_sets
+from masktune.shortcuts import shortcut_evaluation
 from models import VGGWithAttention
 
 checkpoint_dir = "checkpoints"  # where vgg.py wrote vgg_initial.pt, vgg_finetuned.pt, ...
@@ -57,12 +56,10 @@ def logits_of(images: torch.Tensor) -> dict:
 
 
 # every model on the test set: clean, with the ERM model's masks blacked out, and with and against a shortcut
-test_sets = (
-    evaluation_sets(test_set, run, stream(run["seed"], "test_sets"))
-    if run["shortcut"]
-    else {"clean": test_set}
-)
-logits = {k: logits_of(s.images) for k, s in test_sets.items()}
+if run["shortcut"]:
+    planted, test_sets, logits = shortcut_evaluation(logits_of, test_set, val_set, run)
+else:
+    planted, test_sets, logits = {}, {"clean": test_set}, {"clean": logits_of(test_set.images)}
 masks = compute_masks(
     models["initial"],
     test_set.images,
@@ -85,15 +82,9 @@ for name in models:
     }
 
 
-if run["shortcut"]:  # the same on the validation images: the numbers to tune on
-    val_sets = evaluation_sets(
-        replace(val_set, images=val_set.unmarked), run, stream(run["seed"], "val_sets")
-    )
-    val_logits = {k: logits_of(s.images) for k, s in val_sets.items()}
+if run["shortcut"]:  # aligned and conflicting test and validation sets (tune on the validation ones)
     for name in models:
-        for sets, set_logits, prefix in ((test_sets, logits, ""), (val_sets, val_logits, "val_")):
-            correct = {k: set_logits[k][name].argmax(1) == s.labels for k, s in sets.items()}
-            results[name].update(shortcut_metrics(correct, sets, prefix))
+        results[name].update(planted[name])
 elif test_set.spurious is not None:  # group labels: Waterbirds, or an image folder's group_csv
     for name in models:
         groups = group_accuracy(

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_run, load_weights
+from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_checkpoint, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
 from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
@@ -38,6 +38,7 @@ from masktune.masking import STRATEGIES
 from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
 from masktune.pipeline import Run, check_training_settings, masks_sha1
 from masktune.recipes import configure
+from masktune.shortcuts import shortcut_evaluation
 from models import AttentionMaskingResNet50, ResNet50
 
 # data and output
@@ -71,6 +72,12 @@ val_fraction = 0.1  # image folders without val/: training images held out for v
 group_csv = ""  # image folders: group labels of validation and test images (columns: path, group)
 group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded images kept as tensors for the next run
+# a shortcut planted in the training and validation images of classes (see shortcuts.py), as vgg.py does
+shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene" or "colour_cast"
+shortcut_ratio = 0.95  # fraction of each class's training images carrying their own class's marker
+shortcut_size = 8  # marker side, frame width, shrunk object side (8 of 64 pixels: vgg.py's 4 of 32)
+shortcut_position = "top_left"  # a fixed marker's corner
+shortcut_classes = "all"  # "all": a marker per class; "first": class 0's only
 dry_run = False  # 512 training and 256 test images, one epoch of each stage: checks the set-up in seconds
 pretrained = True  # torchvision's ImageNet weights (downloaded)
 weights_path = ""  # or a local copy of them (resnet50-0676ba61.pth)
@@ -189,17 +196,23 @@ memory.record("fine-tunes")
 
 # 3. evaluation on the test split -------------------------------------------------------------------------
 models, _ = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))
-logits = {
-    name: predict(m, test_set.images, batch_size=eval_batch_size, amp=amp, desc=f"test {name}")
-    for name, m in models.items()
-}
+
+
+def logits_of(images: torch.Tensor) -> dict:
+    return {n: predict(m, images, batch_size=eval_batch_size, amp=amp, desc=n) for n, m in models.items()}
+
+
+logits = logits_of(test_set.images)
 results = evaluate_predictions(logits, test_set, train_set)
+if shortcut:  # the test and validation images with their own class's marker and with another's
+    for name, planted in shortcut_evaluation(logits_of, test_set, val_set, config)[0].items():
+        results[RUN_MODELS[name]].update(planted)
 print(format_evaluation(results, test_set))
 memory.record("evaluation")
 print(memory)
 if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        facts = {"config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
+        facts = {"run_config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
         facts["peak_memory_gb"] = memory.stages
         json.dump({"models": results, **facts}, f, indent=1)
     write_predictions(os.path.join(out_dir, "predictions.csv"), {"test": logits}, {"test": test_set})

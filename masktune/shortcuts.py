@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from masktune.console import check, check_choice
 from masktune.images import ImageSet
+from masktune.metrics import shortcut_metrics
+from masktune.seeds import stream
 
 KINDS = ("square", "moving_square", "shape", "frame", "scene", "colour_cast")
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -246,3 +248,22 @@ def evaluation_sets(images: ImageSet, config: dict, generator: torch.Generator) 
             spurious_names=names,
         )
     return sets
+
+
+def shortcut_evaluation(logits_of, test_set: ImageSet, val_set: ImageSet, config: dict) -> tuple[dict, ...]:
+    """Every model of a run on the clean, aligned and conflicting versions of its test and validation
+    images (the validation metrics, ``val_...``, are the ones to tune on). ``logits_of(images)`` gives each
+    model's logits by its run name. Returns each model's metrics, the test sets, and their logits
+    (``logits[set][model]``)."""
+    test_sets = evaluation_sets(test_set, config, stream(config["seed"], "test_sets"))
+    val_sets = evaluation_sets(
+        replace(val_set, images=val_set.unmarked), config, stream(config["seed"], "val_sets")
+    )
+    results, test_logits = {}, None
+    for sets, prefix in ((test_sets, ""), (val_sets, "val_")):
+        logits = {k: logits_of(s.images) for k, s in sets.items()}
+        test_logits = test_logits or logits
+        for name in logits["clean"]:
+            correct = {k: logits[k][name].argmax(1) == s.labels for k, s in sets.items()}
+            results.setdefault(name, {}).update(shortcut_metrics(correct, sets, prefix))
+    return results, test_sets, test_logits

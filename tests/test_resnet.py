@@ -329,3 +329,27 @@ def test_decoded_images_cache_is_used_and_rebuilt_when_damaged(tmp_path, capsys)
     assert "decoding again" in capsys.readouterr().out
     index = next(i for i, s in enumerate(rebuilt) if not bool((s.images == 7).all()))
     assert torch.equal(rebuilt[index].images, first[index])
+
+
+@pytest.mark.slow
+def test_resnet50_runs_a_planted_shortcut_benchmark_that_collect_results_prints(tmp_path):
+    """resnet50.py with --shortcut: every model has the clean, aligned and conflicting accuracies of the test
+    and validation images and their worst group, in the layout collect_results.py reads; CelebA's
+    attributes are refused in one line."""
+    data = write_image_folder(str(tmp_path / "data"), classes=("cat", "dog"), per_class=16, per_class_test=8)
+    out = str(tmp_path / "out")
+    args = [f"--data_dir={data}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={out}", *TINY]
+    run_here("resnet50.py", *args, "--shortcut=square", "--shortcut_size=8")
+    models = json.load(open(os.path.join(out, "metrics.json")))["models"]
+    assert set(models) == {"ERM", "MaskTune", "no-mask control", "random-mask control"}
+    for metrics in models.values():
+        assert metrics["clean_accuracy"] == metrics["accuracy"]  # the test images as they are: unmarked
+        for split in ("", "val_"):
+            assert len(metrics[f"{split}groups"]["per_group"]) == 4  # (class, marker): 2 x 2
+            for key in ("clean", "aligned", "conflicting", "worst_group"):
+                assert 0 <= metrics[f"{split}{key}_accuracy"] <= 1
+    printed = run_here("collect_results.py", out)
+    assert "data, square 8, ratio 0.95" in printed and "| no-mask control" in printed
+    celeba = write_celeba(str(tmp_path / "celeba"))
+    with pytest.raises(UserError, match="needs classes"):
+        run_here("resnet50.py", *args[1:], f"--data_dir={celeba}", "--shortcut=square")

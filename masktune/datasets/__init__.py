@@ -107,6 +107,10 @@ def experiment_data(config: dict, fallback: str = "cifar10") -> tuple[ImageSet, 
     if val is None:
         train, val = split_validation(train, config["val_fraction"], config["seed"])
     if config.get("shortcut"):  # planted in training and validation images alike
+        check(
+            not train.labels.is_floating_point(),
+            f"shortcut {config['shortcut']!r} needs classes: {config['data_dir']!r} has attributes",
+        )
         train, val, test = (replace(s, images=base_images(s.images, config)) for s in (train, val, test))
         train = plant(train, config, stream(config["seed"], "train_shortcut"))
         val = plant(val, config, stream(config["seed"], "val_shortcut"))
