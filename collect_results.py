@@ -25,12 +25,14 @@ SHIFTED = ("clean", "conflicting", "worst_group")  # a planted shortcut's column
 
 
 def benchmark(config: dict) -> str:
-    """The data set and planted shortcut of a run, in words."""
+    """The data set and planted shortcut of a run, in words (and the network, for resnet50.py's runs)."""
     data = "MNIST" if config.get("dataset") == "mnist" else os.path.basename(config["data_dir"].rstrip("/"))
+    network = ", ResNet50" if "pretrained" in config else ""  # a setting of resnet50.py only
     if not config.get("shortcut"):
-        return f"{data}, no shortcut"
+        return f"{data}, no shortcut{network}"
     marked = ", class 0 only" if config["shortcut_classes"] == "first" else ""
-    return f"{data}, {config['shortcut']} {config['shortcut_size']}{marked}, ratio {config['shortcut_ratio']}"
+    shortcut = f"{config['shortcut']} {config['shortcut_size']}{marked}, ratio {config['shortcut_ratio']}"
+    return f"{data}, {shortcut}{network}"
 
 
 def method(config: dict) -> str:
@@ -75,7 +77,7 @@ def read_runs(folders: list[str]) -> list[dict]:
                     "benchmark": benchmark(config),
                     "method": method(config),
                     "seed": config["seed"],
-                    "machine": summary.get("machine", "?"),
+                    "machine": summary.get("machine", metrics.get("machine", "?")),  # resnet50.py: metrics
                     "coverage": (summary.get("marker_coverage") or {}).get("mean"),
                     "masked": summary.get("masked_fraction"),
                     "models": metrics["models"],

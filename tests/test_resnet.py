@@ -349,7 +349,7 @@ def test_resnet50_runs_a_planted_shortcut_benchmark_that_collect_results_prints(
             for key in ("clean", "aligned", "conflicting", "worst_group"):
                 assert 0 <= metrics[f"{split}{key}_accuracy"] <= 1
     printed = run_here("collect_results.py", out)
-    assert "data, square 8, ratio 0.95" in printed and "| no-mask control" in printed
+    assert "data, square 8, ratio 0.95, ResNet50" in printed and "| no-mask control" in printed
     celeba = write_celeba(str(tmp_path / "celeba"))
     with pytest.raises(UserError, match="needs classes"):
         run_here("resnet50.py", *args[1:], f"--data_dir={celeba}", "--shortcut=square")
