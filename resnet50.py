@@ -202,11 +202,14 @@ def logits_of(images: torch.Tensor) -> dict:
     return {n: predict(m, images, batch_size=eval_batch_size, amp=amp, desc=n) for n, m in models.items()}
 
 
-logits = logits_of(test_set.images)
+if shortcut:  # also the test and validation images with their own class's marker and with another's
+    planted, _, shifted_logits = shortcut_evaluation(logits_of, test_set, val_set, config)
+    logits = shifted_logits["clean"]  # the test images as they are
+else:
+    planted, logits = {}, logits_of(test_set.images)
 results = evaluate_predictions(logits, test_set, train_set)
-if shortcut:  # the test and validation images with their own class's marker and with another's
-    for name, planted in shortcut_evaluation(logits_of, test_set, val_set, config)[0].items():
-        results[RUN_MODELS[name]].update(planted)
+for name, metrics in planted.items():
+    results[RUN_MODELS[name]].update(metrics)
 print(format_evaluation(results, test_set))
 memory.record("evaluation")
 print(memory)

@@ -259,11 +259,10 @@ def shortcut_evaluation(logits_of, test_set: ImageSet, val_set: ImageSet, config
     val_sets = evaluation_sets(
         replace(val_set, images=val_set.unmarked), config, stream(config["seed"], "val_sets")
     )
-    results, test_logits = {}, None
+    results, logits = {}, {}
     for sets, prefix in ((test_sets, ""), (val_sets, "val_")):
-        logits = {k: logits_of(s.images) for k, s in sets.items()}
-        test_logits = test_logits or logits
-        for name in logits["clean"]:
-            correct = {k: logits[k][name].argmax(1) == s.labels for k, s in sets.items()}
+        logits[prefix] = {k: logits_of(s.images) for k, s in sets.items()}
+        for name in logits[prefix]["clean"]:
+            correct = {k: logits[prefix][k][name].argmax(1) == s.labels for k, s in sets.items()}
             results.setdefault(name, {}).update(shortcut_metrics(correct, sets, prefix))
-    return results, test_sets, test_logits
+    return results, test_sets, logits[""]
