@@ -71,15 +71,16 @@ def read_runs(folders: list[str]) -> list[dict]:
                 metrics = json.load(f)
             summary_path = os.path.join(os.path.dirname(path), "summary.json")
             summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+            facts = metrics | summary  # resnet50.py writes its run's facts into metrics.json
             config = metrics["run_config"]
             runs.append(
                 {
                     "benchmark": benchmark(config),
                     "method": method(config),
                     "seed": config["seed"],
-                    "machine": summary.get("machine", metrics.get("machine", "?")),  # resnet50.py: metrics
-                    "coverage": (summary.get("marker_coverage") or {}).get("mean"),
-                    "masked": summary.get("masked_fraction"),
+                    "machine": facts.get("machine", "?"),
+                    "coverage": (facts.get("marker_coverage") or {}).get("mean"),
+                    "masked": facts.get("masked_fraction"),
                     "models": metrics["models"],
                     "shortcut": bool(config.get("shortcut")),
                 }

@@ -38,7 +38,7 @@ from masktune.masking import STRATEGIES
 from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
 from masktune.pipeline import Run, check_training_settings, masks_sha1
 from masktune.recipes import configure
-from masktune.shortcuts import shortcut_evaluation
+from masktune.shortcuts import describe_coverage, marker_coverage, shortcut_evaluation
 from models import AttentionMaskingResNet50, ResNet50
 
 # data and output
@@ -173,7 +173,7 @@ memory.record("ERM")
 # 2. masking with the frozen best ERM model (mask_rounds > 1: again after a fine-tune), then the fine-tunes
 if masking == "feature":  # the report's learned feature mask: the clean images, a new module
     variants = {"finetuned": run.train_images, **({"nomask": run.train_images} if controls else {})}
-    extra = {}
+    extra, mask_facts = {}, {}
 else:
     load_weights(model, erm_best, run.path("initial"))
     masks = run.masks(model, optimizer, start)  # with mask_rounds > 1, fine-tunes from start in between
@@ -181,6 +181,10 @@ else:
         f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.fraction():.2f}% of "
         "training pixels masked"
     )
+    coverage = marker_coverage(masks[:], train_set) if shortcut else None
+    if coverage:  # with a planted shortcut: do the masks find it?
+        print(describe_coverage(coverage))
+    mask_facts = {"masked_fraction": masks.fraction(), "marker_coverage": coverage}
     variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}
     memory.record("masking")
 for name, images in variants.items():
@@ -216,7 +220,7 @@ print(memory)
 if is_main():
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         facts = {"run_config": config, "test_images": len(test_set), "machine": describe_machine(device_)}
-        facts["peak_memory_gb"] = memory.stages
+        facts |= {"peak_memory_gb": memory.stages, **mask_facts}
         json.dump({"models": results, **facts}, f, indent=1)
     write_predictions(os.path.join(out_dir, "predictions.csv"), {"test": logits}, {"test": test_set})
 print(f"checkpoints in {checkpoint_dir}/, metrics.json and predictions.csv in {out_dir}/")

@@ -32,7 +32,7 @@ from masktune.masking import STRATEGIES
 from masktune.pipeline import Run, WhyFigure, check_training_settings, masks_sha1, reuse_erm
 from masktune.plots import save_training_curves
 from masktune.recipes import configure
-from masktune.shortcuts import marker_coverage
+from masktune.shortcuts import describe_coverage, marker_coverage
 from models import VGGWithAttention
 
 # data and output
@@ -180,10 +180,7 @@ print(
 # with a planted shortcut: do the masks find it? (a researcher's own data has no ground truth for this)
 coverage = marker_coverage(masks[:], train_set) if shortcut else None
 if coverage:
-    print(
-        f"masks hide {100 * coverage['mean']:.1f}% of the planted marker on average, at least half of it on "
-        f"{100 * coverage['at_least_half']:.1f}% of the marked training images"
-    )
+    print(describe_coverage(coverage))
 figure = WhyFigure(run, model, masks)  # where the ERM model looks, before the fine-tunes change it
 
 # 3. fine-tuning from the ERM weights and optimizer state: MaskTune and its controls ----------------------

@@ -226,6 +226,14 @@ def marker_coverage(masks: torch.Tensor, images: ImageSet) -> dict:
     return {"mean": hidden.mean().item(), "at_least_half": (hidden >= 0.5).float().mean().item()}
 
 
+def describe_coverage(coverage: dict) -> str:
+    """``marker_coverage``'s result as the line the scripts print."""
+    return (
+        f"masks hide {100 * coverage['mean']:.1f}% of the planted marker on average, at least half of it on "
+        f"{100 * coverage['at_least_half']:.1f}% of the marked training images"
+    )
+
+
 def evaluation_sets(images: ImageSet, config: dict, generator: torch.Generator) -> dict[str, ImageSet]:
     """clean, aligned and conflicting versions of a set of unmarked images (of ``base_images``; see the
     module docstring)."""

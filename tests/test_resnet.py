@@ -339,9 +339,14 @@ def test_resnet50_runs_a_planted_shortcut_benchmark_that_collect_results_prints(
     data = write_image_folder(str(tmp_path / "data"), classes=("cat", "dog"), per_class=16, per_class_test=8)
     out = str(tmp_path / "out")
     args = [f"--data_dir={data}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={out}", *TINY]
-    run_here("resnet50.py", *args, "--shortcut=square", "--shortcut_size=8")
-    models = json.load(open(os.path.join(out, "metrics.json")))["models"]
+    # the fixed extent: masks on every image, even from a model this small
+    run_here("resnet50.py", *args, "--shortcut=square", "--shortcut_size=8", "--mask_extent=fixed")
+    written = json.load(open(os.path.join(out, "metrics.json")))
+    models, coverage = written["models"], written["marker_coverage"]
     assert set(models) == {"ERM", "MaskTune", "no-mask control", "random-mask control"}
+    assert (
+        0 <= coverage["at_least_half"] <= 1 and 0 <= coverage["mean"] <= 1 and 0 < written["masked_fraction"]
+    )
     for metrics in models.values():
         assert metrics["clean_accuracy"] == metrics["accuracy"]  # the test images as they are: unmarked
         for split in ("", "val_"):
@@ -350,6 +355,8 @@ def test_resnet50_runs_a_planted_shortcut_benchmark_that_collect_results_prints(
                 assert 0 <= metrics[f"{split}{key}_accuracy"] <= 1
     printed = run_here("collect_results.py", out)
     assert "data, square 8, ratio 0.95, ResNet50" in printed and "| no-mask control" in printed
+    masktune_row = next(line for line in printed.splitlines() if line.startswith("| MaskTune"))
+    assert masktune_row.split(" | ")[-2] == f"{100 * coverage['mean']:.2f}"  # the "masks hide" column
     celeba = write_celeba(str(tmp_path / "celeba"))
     with pytest.raises(UserError, match="needs classes"):
         run_here("resnet50.py", *args[1:], f"--data_dir={celeba}", "--shortcut=square")
