@@ -50,6 +50,7 @@ def method(config: dict) -> str:
         else ""
     )
     widened = ", widened" if config.get("mask_widen") else ""
+    widened += ", completed" if config.get("mask_complete") else ""
     reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""
     rounds = f", {config['mask_rounds']} rounds{reach}" if config.get("mask_rounds", 1) > 1 else ""
     return f"{config['masking']}, {extent}{size}{widened}{rounds}, {config['mask_fill']}"

@@ -23,7 +23,7 @@ from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
 from masktune.console import check
 from masktune.datasets import experiment_data
 from masktune.device import pick_device
-from masktune.engine import predict
+from masktune.engine import predict_all
 from masktune.masking import compute_masks, fill_masks, mask_settings
 from masktune.metrics import group_accuracy, per_class_accuracy, write_predictions
 from masktune.plots import save_grouped_bars
@@ -52,7 +52,9 @@ check(len(classes) == models["initial"].num_classes, "the data's classes do not 
 
 
 def logits_of(images: torch.Tensor) -> dict:
-    return {name: predict(m, images, batch_size=eval_batch_size) for name, m in models.items()}
+    return predict_all(
+        models, images, batch_size=eval_batch_size, amp=run.get("amp", False)
+    )  # as vgg.py evaluates
 
 
 # every model on the test set: clean, with the ERM model's masks blacked out, and with and against a shortcut
@@ -67,6 +69,7 @@ masks = compute_masks(
     batch_size=eval_batch_size,
     labels=labels,
     generator=stream(run["seed"], "mask_partners"),
+    amp=run.get("amp", False),
     **mask_settings(run),
 )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))

@@ -33,7 +33,7 @@ from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
 from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
 from masktune.distributed import init_distributed, is_main
-from masktune.engine import predict
+from masktune.engine import predict_all
 from masktune.masking import STRATEGIES
 from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
 from masktune.pipeline import Run, check_training_settings, masks_sha1
@@ -100,6 +100,8 @@ mask_extent = "decisive"  # per image, the smallest top region the prediction fo
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
 # rim (its val conflicting 20 -> 44%) but more of the object around a 4x4 one (its clean 68 -> 61%)
+mask_complete = False  # decisive: grow each mask through the flat colour of its most salient pixel
+# (a flat marker's rim; not a colour covering over a quarter of the image); see masking.py
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the
@@ -203,7 +205,7 @@ models, _ = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMa
 
 
 def logits_of(images: torch.Tensor) -> dict:
-    return {n: predict(m, images, batch_size=eval_batch_size, amp=amp, desc=n) for n, m in models.items()}
+    return predict_all(models, images, batch_size=eval_batch_size, amp=amp)
 
 
 if shortcut:  # also the test and validation images with their own class's marker and with another's

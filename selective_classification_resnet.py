@@ -27,7 +27,7 @@ from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
 from masktune.console import check
 from masktune.datasets import experiment_data
 from masktune.device import pick_device
-from masktune.engine import predict
+from masktune.engine import predict_all
 from masktune.plots import save_risk_coverage
 from masktune.recipes import check_run_settings, configure
 from masktune.selective import (
@@ -65,7 +65,7 @@ tuned = [n for n in models if n != "initial"]
 
 def outputs(images: torch.Tensor) -> dict:
     """Every model's probabilities: sigmoid per attribute, or logits for single-label data."""
-    raw = {n: predict(m, images, batch_size=eval_batch_size) for n, m in models.items()}
+    raw = predict_all(models, images, batch_size=eval_batch_size, amp=run.get("amp", False))
     return {n: z.sigmoid() for n, z in raw.items()} if multilabel else raw
 
 

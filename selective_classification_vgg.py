@@ -24,7 +24,7 @@ from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
 from masktune.console import check
 from masktune.datasets import experiment_data
 from masktune.device import pick_device
-from masktune.engine import predict
+from masktune.engine import predict_all
 from masktune.plots import save_risk_coverage
 from masktune.recipes import check_run_settings, configure
 from masktune.selective import agreement_rule, classification_scorers, compare_scorers, format_scorer_table
@@ -60,7 +60,7 @@ class_weights = torch.tensor([difficult_class_weight if c in weighted else 1.0 f
 
 
 def all_logits(images: torch.Tensor) -> dict:
-    return {n: predict(m, images, batch_size=eval_batch_size) for n, m in models.items()}
+    return predict_all(models, images, batch_size=eval_batch_size, amp=run_config.get("amp", False))
 
 
 val_logits, test_logits = all_logits(val_set.images), all_logits(test_set.images)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from masktune.console import UserError, check
+from masktune.device import prepare_model
 from masktune.distributed import barrier, is_main
 
 FORMAT_VERSION = 1
@@ -178,7 +179,10 @@ def load_run(
             f"{path!r} holds a {states[name]['architecture']}, expected a {' or '.join(classes)}",
         )
         model = classes[states[name]["architecture"]](states[name]["num_classes"])
-        models[name] = load_weights(model, states[name], path).to(device).eval()
+        fast = states[name]["config"].get("channels_last", False)  # as the run trained it
+        models[name] = prepare_model(
+            load_weights(model, states[name], path), device, channels_last=fast
+        ).eval()
     for name in OPTIONAL_MODELS:
         if name in states:
             check(

@@ -150,6 +150,11 @@ def predict(
     return gather_rows(torch.cat(outputs), len(images))
 
 
+def predict_all(models: dict, images: torch.Tensor, *, batch_size: int, amp: bool = False) -> dict:
+    """Every model's logits (``predict``), by name."""
+    return {name: predict(m, images, batch_size=batch_size, amp=amp, desc=name) for name, m in models.items()}
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return correct_predictions(logits, labels.to(logits.device)).item() / max(len(labels), 1)
 

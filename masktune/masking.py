@@ -48,6 +48,8 @@ STRATEGIES = ("gradient", "attention", "xgradcam")
 EXTENTS = ("decisive", "fixed")
 DECISIVE_AREAS = (0.03, 0.06, 0.12, 0.25)  # candidate masks: these shares of the image, smallest first
 DECISIVE_MARGIN = 0.5  # how much more probability the prediction keeps with the region than without it
+FLAT_TOLERANCE = 8  # complete: pixels within this (of 255, in every channel) share the mask's colour
+FLAT_RARITY = 0.25  # complete: a colour over more of the image than this is a background, not a marker
 
 
 def trunk_features(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
@@ -165,6 +167,7 @@ def mask_settings(config: dict) -> dict:
     return dict(
         extent=config["mask_extent"],
         widen=config.get("mask_widen", False),  # runs from before the setting did not widen
+        complete=config.get("mask_complete", False),
         quantile=config["mask_quantile"],
         num_std=config["mask_std"],
         smoothing=config["gradient_smoothing"],
@@ -246,6 +249,25 @@ def decisive_masks(
     return masks
 
 
+def complete_flat_regions(masks: torch.Tensor, inputs: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+    """Each (B, H, W) mask grown through the connected pixels of its most salient pixel's colour (within
+    ``FLAT_TOLERANCE``), where that colour covers at most ``FLAT_RARITY`` of the image: a flat-coloured
+    marker's rim, which the blurred map left below the threshold. A background colour, and an image
+    without a mask, stay as they are."""
+    rows = torch.arange(len(masks), device=masks.device)
+    peak = torch.where(masks, cam, -1.0).flatten(1).argmax(1)
+    colour = inputs.flatten(2)[rows, :, peak].float()  # (B, C)
+    same = (inputs.float() - colour[:, :, None, None]).abs().amax(1) <= FLAT_TOLERANCE
+    rare = same.flatten(1).float().mean(1) <= FLAT_RARITY
+    same &= (rare & masks.flatten(1).any(1))[:, None, None]
+    for _ in range(max(masks.shape[-2:])):  # one pixel further each time, until nothing is added
+        grown = masks | (grow_masks(masks, 1) & same)
+        if torch.equal(grown, masks):
+            break
+        masks = grown
+    return masks
+
+
 def saliency_mask(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -253,6 +275,7 @@ def saliency_mask(
     *,
     extent: str = "fixed",
     widen: bool = False,
+    complete: bool = False,
     partners: torch.Tensor | None = None,
     quantile: float = 0.75,
     num_std: float = 2.0,
@@ -270,6 +293,8 @@ def saliency_mask(
         masks = decisive_masks(model, inputs, partners, cam, multilabel, amp)
         if widen and strategy == "gradient":  # the rim the box filter blurred below the threshold
             masks = grow_masks(masks, smoothing_side(smoothing, inputs) // 2)
+        if complete:
+            masks = complete_flat_regions(masks, inputs, cam)
         return cam, masks
     if strategy == "xgradcam":
         threshold = mean_std_threshold(cam, num_std)

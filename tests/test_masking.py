@@ -14,6 +14,7 @@ from masktune.masking import (
     CHUNK_ROWS,
     PackedMasks,
     box_filter,
+    complete_flat_regions,
     compute_masks,
     fill_masks,
     gradient_saliency,
@@ -126,6 +127,49 @@ def test_the_widened_decisive_mask_hides_a_marker_of_any_size_whole(side):
             LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive"
         )
         assert (unwidened & corner).flatten(1).sum(1).lt(side * side).all()
+
+
+@pytest.mark.parametrize("side", [4, 12])
+def test_the_completed_decisive_mask_hides_a_flat_marker_whole_and_nothing_else(side):
+    """The same model and images: with ``complete`` the mask grows through the marker's flat colour, so it
+    hides all of the marker, and beyond it exactly what the mask hid before (the noise around it is of
+    other colours)."""
+    corner = torch.zeros(32, 32, dtype=torch.bool)
+    corner[:side, :side] = True
+    weight = torch.zeros(2, 3, 32, 32)
+    weight[0, :, corner], weight[1, :, corner] = 1.0, -1.0
+    images, labels = two_class_images(40, corner)
+    found = {
+        complete: compute_masks(
+            LinearModel(weight),
+            images,
+            "gradient",
+            batch_size=16,
+            labels=labels,
+            extent="decisive",
+            complete=complete,
+        )
+        for complete in (False, True)
+    }
+    assert (found[True] & corner).flatten(1).sum(1).eq(side * side).all()
+    assert torch.equal(found[True] & ~corner, found[False] & ~corner)
+
+
+def test_completion_leaves_a_background_colour_and_an_empty_mask_alone():
+    """A mask on a flat quarter of the image is completed; on a flat colour over half of it (a background),
+    and where nothing is masked, nothing is added."""
+    images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    images[0, :, :4, :4] = 200  # a flat quarter (25%: still rare enough), black elsewhere
+    images[1, :, :, :4] = 200  # a flat half
+    images[2, :, :4, :4] = 200
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[:2, 0, 0] = True
+    cam = torch.rand(3, 8, 8)
+    completed = complete_flat_regions(masks, images, cam)
+    quarter = torch.zeros(8, 8, dtype=torch.bool)
+    quarter[:4, :4] = True
+    assert torch.equal(completed[0], quarter)
+    assert torch.equal(completed[1], masks[1]) and not completed[2].any()
 
 
 def test_grow_masks_by_a_radius():
