@@ -100,8 +100,8 @@ mask_extent = "decisive"  # per image, the smallest top region the prediction fo
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
 # rim (its val conflicting 20 -> 44%) but more of the object around a 4x4 one (its clean 68 -> 61%)
-mask_complete = False  # decisive: grow each mask through the flat colour of its most salient pixel
-# (a flat marker's rim; not a colour covering over a quarter of the image); see masking.py
+mask_complete = True  # decisive: grow each mask through the flat colour of its most salient pixel, a
+# flat marker's rim (not a colour over a quarter of the image). The 12x12 square's val conflicting 20 -> 52%
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the

@@ -187,17 +187,27 @@ def grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind, size, classes, n_train, marked",
+    "kind, size, classes, n_train, marked, epochs",
     [
-        ("square", 8, 10, 400, "all"),
-        ("moving_square", 6, 2, 400, "all"),  # with 200, the random control lost the marker on an fp32 EPYC
-        ("shape", 6, 2, 200, "all"),
-        ("square", 4, 2, 200, "first"),
+        ("square", 8, 10, 400, "all", 3),
+        (
+            "moving_square",
+            6,
+            2,
+            400,
+            "all",
+            3,
+        ),  # with 200, the random control lost the marker on an fp32 EPYC
+        ("shape", 6, 2, 200, "all", 3),
+        ("square", 4, 2, 200, "first", 3),
+        # 14% of the image, its rim hidden by the completed masks; after 3 epochs ERM's logits on it are so
+        # large that swapping it in makes the fine-tune's loss diverge
+        ("square", 12, 2, 200, "all", 2),
     ],
-    ids=["square", "moving_square", "shape", "one_class_square"],
+    ids=["square", "moving_square", "shape", "one_class_square", "large_square"],
 )
 def test_the_default_masktune_stops_following_a_planted_marker(
-    tmp_path, kind, size, classes, n_train, marked
+    tmp_path, kind, size, classes, n_train, marked, epochs
 ):
     """On noise images a class's marker (on every training image; ``first``: class 0's marker on class 0
     only, as in the paper's MNIST) is the only signal. ERM follows it; the default masks hide a good part
@@ -210,7 +220,7 @@ def test_the_default_masktune_stops_following_a_planted_marker(
         f"--data_dir={data}",
         f"--checkpoint_dir={tmp_path}",
         f"--out_dir={tmp_path}",
-        "--num_epochs=3",
+        f"--num_epochs={epochs}",
         "--batch_size=16",
         "--val_fraction=0.1",
         f"--shortcut={kind}",
