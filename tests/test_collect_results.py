@@ -1,0 +1,54 @@
+"""collect_results.py on hand-written runs: the tables' means and the targets against hand-computed values."""
+
+import json
+import os
+
+from conftest import run_here
+
+CONFIG = {
+    "data_dir": "/data/cifar10-jpg",
+    "shortcut": "square",
+    "shortcut_size": 4,
+    "shortcut_classes": "all",
+    "shortcut_ratio": 0.95,
+    "masking": "gradient",
+    "mask_extent": "decisive",
+    "mask_fill": "shuffle_union",
+    "finetune_min_steps": 500,
+}
+
+
+def write_run(folder: str, seed: int, masktune: dict, complete: bool, controls: bool) -> None:
+    """metrics.json of one seed: ERM, MaskTune (and the no-mask control) with these test accuracies."""
+    os.makedirs(os.path.join(folder, f"seed{seed}"), exist_ok=True)
+    erm = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.3, "worst_group_accuracy": 0.0}
+    models = {"ERM": erm, "MaskTune": masktune} | ({"no-mask control": erm} if controls else {})
+    models = {m: v | {f"val_{k}": x for k, x in v.items()} for m, v in models.items()}
+    config = CONFIG | {"seed": seed, "mask_complete": complete}
+    with open(os.path.join(folder, f"seed{seed}", "metrics.json"), "w") as f:
+        json.dump({"models": models, "run_config": config, "machine": "a CPU"}, f)
+
+
+def test_each_method_gets_its_own_mean_and_targets(tmp_path):
+    completed, previous = str(tmp_path / "completed"), str(tmp_path / "previous")
+    for seed, (clean, conflicting) in enumerate([(0.70, 0.69), (0.74, 0.71)]):
+        masktune = {"clean_accuracy": clean, "conflicting_accuracy": conflicting, "worst_group_accuracy": 0.4}
+        write_run(completed, seed, masktune, complete=True, controls=True)
+    masktune = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.5, "worst_group_accuracy": 0.1}
+    write_run(previous, 0, masktune, complete=False, controls=False)
+    printed = run_here("collect_results.py", completed, previous, "--targets")
+    rows = {line.split(" | ")[0]: line for line in printed.splitlines() if line.startswith("| MaskTune")}
+    completed_row = rows["| MaskTune, gradient, decisive, completed, shuffle_union"]
+    assert "| 72.00 +/- 2.83 | 70.00 +/- 1.41 | 40.00 +/- 0.00 | – | 0, 1 |" in completed_row  # test columns
+    assert "| 60.00 | 50.00 | 10.00 | – | 0 |" in rows["| MaskTune, gradient, decisive, shuffle_union"]
+    name = "cifar10-jpg, square 4, ratio 0.95"
+    targets = [line for line in printed.splitlines() if line.startswith(f"| {name} (")]
+    assert (
+        f"| {name} (gradient, decisive, completed, shuffle_union) | clean - conflicting <= 3 | +2.00 | met |"
+        in (targets)
+    )
+    assert (
+        f"| {name} (gradient, decisive, shuffle_union) | worst group - ERM's >= 30 | +10.00 | **missed** |"
+        in (targets)
+    )
+    assert sum("no-mask control" in line for line in targets) == 1  # only the method that trained it
