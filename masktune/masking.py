@@ -23,8 +23,8 @@ How much of a map is masked (``mask_extent``):
   complete   (``mask_complete``) each decisive mask then grows through the connected pixels of the colour
              of its most salient pixel, where that colour covers at most a quarter of the image: the box
              filter puts the threshold inside a large flat marker, and the fine-tune would learn the rim
-             left in view (the 12x12 square: 53% of it hidden, 69% completed, the mask's other pixels
-             unchanged). A background colour (MNIST's black) is too common to grow through.
+             left in view (the 12x12 square: 53% of it hidden, 69% completed). A background colour
+             (MNIST's black) is too common to grow through.
   rounds     (``mask_rounds`` > 1, off by default; ``pipeline.Run.masks``) fine-tune on the masks, then add
              the fine-tuned model's masks: what it learned in place of the masked pixels (a large marker's
              rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
