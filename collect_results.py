@@ -49,11 +49,11 @@ def method(config: dict) -> str:
         if extent == "fixed" and config["masking"] != "xgradcam"
         else ""
     )
-    widened = ", widened" if config.get("mask_widen") else ""
-    widened += ", completed" if config.get("mask_complete") else ""
+    grown = ", widened" if config.get("mask_widen") else ""
+    grown += ", completed" if config.get("mask_complete") else ""
     reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""
     rounds = f", {config['mask_rounds']} rounds{reach}" if config.get("mask_rounds", 1) > 1 else ""
-    return f"{config['masking']}, {extent}{size}{widened}{rounds}, {config['mask_fill']}"
+    return f"{config['masking']}, {extent}{size}{grown}{rounds}, {config['mask_fill']}"
 
 
 def read_runs(folders: list[str]) -> list[dict]:

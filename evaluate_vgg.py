@@ -52,9 +52,8 @@ check(len(classes) == models["initial"].num_classes, "the data's classes do not 
 
 
 def logits_of(images: torch.Tensor) -> dict:
-    return predict_all(
-        models, images, batch_size=eval_batch_size, amp=run.get("amp", False)
-    )  # as vgg.py evaluates
+    """Every model's logits, with the run's amp: as vgg.py evaluates."""
+    return predict_all(models, images, batch_size=eval_batch_size, amp=run.get("amp", False))
 
 
 # every model on the test set: clean, with the ERM model's masks blacked out, and with and against a shortcut

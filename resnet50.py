@@ -179,14 +179,15 @@ if masking == "feature":  # the report's learned feature mask: the clean images,
 else:
     load_weights(model, erm_best, run.path("initial"))
     masks = run.masks(model, optimizer, start)  # with mask_rounds > 1, fine-tunes from start in between
+    masked_fraction = masks.fraction()  # unpacks every mask: once
     print(
-        f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masks.fraction():.2f}% of "
+        f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of "
         "training pixels masked"
     )
     coverage = marker_coverage(masks[:], train_set) if shortcut else None
     if coverage:  # with a planted shortcut: do the masks find it?
         print(describe_coverage(coverage))
-    mask_facts = {"masked_fraction": masks.fraction(), "marker_coverage": coverage}
+    mask_facts = {"masked_fraction": masked_fraction, "marker_coverage": coverage}
     variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}
     memory.record("masking")
 for name, images in variants.items():

@@ -43,12 +43,9 @@ def test_each_method_gets_its_own_mean_and_targets(tmp_path):
     assert "| 60.00 | 50.00 | 10.00 | – | 0 |" in rows["| MaskTune, gradient, decisive, shuffle_union"]
     name = "cifar10-jpg, square 4, ratio 0.95"
     targets = [line for line in printed.splitlines() if line.startswith(f"| {name} (")]
-    assert (
-        f"| {name} (gradient, decisive, completed, shuffle_union) | clean - conflicting <= 3 | +2.00 | met |"
-        in (targets)
+    completed_name, previous_name = (
+        f"{name} (gradient, decisive, {m}shuffle_union)" for m in ("completed, ", "")
     )
-    assert (
-        f"| {name} (gradient, decisive, shuffle_union) | worst group - ERM's >= 30 | +10.00 | **missed** |"
-        in (targets)
-    )
+    assert f"| {completed_name} | clean - conflicting <= 3 | +2.00 | met |" in targets
+    assert f"| {previous_name} | worst group - ERM's >= 30 | +10.00 | **missed** |" in targets
     assert sum("no-mask control" in line for line in targets) == 1  # only the method that trained it
