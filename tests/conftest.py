@@ -112,9 +112,16 @@ def folder_dir(tmp_path_factory) -> str:
     return write_image_folder(str(tmp_path_factory.mktemp("imagefolder")))
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a child process: this one's, with the repository first on PYTHONPATH (the rest
+    kept, so a ``sitecustomize`` there, as in .ci/without_bf16, reaches every process)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts in a new process, as a user would; return the finished process."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *args],
         capture_output=True,

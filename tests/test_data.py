@@ -263,13 +263,13 @@ def test_two_processes_map_one_cache_file(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import child_env
 
     paths = _write_pngs(str(tmp_path / "png"))
     cache_dir = str(tmp_path / "cache")
     read_images(paths, 8, cache_dir=cache_dir)
     command = [sys.executable, "-c", MAP_THE_CACHE, *paths, cache_dir]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = child_env()
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outputs = [r.communicate(timeout=120)[0].split() for r in runs]
     expected = hashlib.sha1(read_images(paths, 8).numpy().tobytes()).hexdigest()

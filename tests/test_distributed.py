@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.datasets import experiment_data
 from masktune.device import prepare_model
@@ -38,7 +38,7 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         "--device=cpu",
         "--finetune_min_steps=0",
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("data: ") == 1 and result.stdout.count("config: ") == 1  # rank 0 prints
@@ -95,7 +95,7 @@ def two_processes(tmp_path, source: str, *args: str) -> list[dict]:
     script = tmp_path / "two_processes.py"
     script.write_text(source)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     result = subprocess.run(
         [*command, str(script), str(tmp_path), *args],
         capture_output=True,
