@@ -2,8 +2,9 @@
 
 A job is a list of commands (argument lists) run in order, stopping at the first that fails. Launchers:
   local           one job after another, printing to this terminal
-  parallel        ``workers`` jobs at once (0: one per visible GPU, each given its own CUDA_VISIBLE_DEVICES),
-                  each job's output in its log file
+  parallel        ``workers`` jobs at once (0: one per visible GPU), each given one GPU through
+                  CUDA_VISIBLE_DEVICES (shared round robin when there are more workers than GPUs), each
+                  job's output in its log file
   slurm           each job submitted to Slurm through submitit (``pip install submitit``), one GPU each
   submitit_local  submitit's local executor: the Slurm path run on this machine (what the tests use)
 Whichever ran them, the jobs write the same files, so the results are collected the same way.
@@ -44,11 +45,22 @@ def run_job(job: Job) -> int:
     return 0
 
 
+def gpu_of_slot(slot: int) -> dict:
+    """The environment that gives worker ``slot`` one of the GPUs this process sees, round robin: with more
+    workers than GPUs they share them (a slot past the last GPU would otherwise see none and train on the
+    CPU). Empty where no GPU is visible."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [i for i in visible.split(",") if i][:count] if visible else [str(i) for i in range(count)]
+    return {"CUDA_VISIBLE_DEVICES": ids[slot % len(ids)]}
+
+
 def _run_on_a_free_slot(job: Job, slots: queue.Queue) -> int:
-    slot = slots.get()  # a GPU index (or a CPU worker's number): no two jobs share one
+    slot = slots.get()  # a worker's number: no two jobs hold one at once
     try:
-        gpu = {"CUDA_VISIBLE_DEVICES": str(slot)} if torch.cuda.is_available() else {}
-        return run_job(Job(job.commands, job.log, {**job.env, **gpu}))
+        return run_job(Job(job.commands, job.log, {**job.env, **gpu_of_slot(slot)}))
     finally:
         slots.put(slot)
 

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from conftest import run_here
+from masktune import sweeps
 from masktune.console import UserError
 
 
@@ -91,3 +92,15 @@ def test_a_failed_seed_is_one_line_naming_its_log(tmp_path):
             "--workers=1",
         )
     assert "error: " in open(tmp_path / "out" / "seed0" / "run.log").read()
+
+
+def test_more_parallel_workers_than_gpus_share_the_visible_gpus(monkeypatch):
+    """Worker slots map onto the GPUs this process sees, round robin; none on a machine without a GPU."""
+    monkeypatch.setattr(sweeps.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [sweeps.gpu_of_slot(s) for s in range(3)] == [{"CUDA_VISIBLE_DEVICES": "0"}] * 3
+    monkeypatch.setattr(sweeps.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert [sweeps.gpu_of_slot(s)["CUDA_VISIBLE_DEVICES"] for s in range(4)] == ["2", "5", "2", "5"]
+    monkeypatch.setattr(sweeps.torch.cuda, "device_count", lambda: 0)
+    assert sweeps.gpu_of_slot(1) == {}
