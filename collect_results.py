@@ -10,6 +10,7 @@ folders give the same tables whichever order or launcher produced them; mean +/-
     python collect_results.py out/seeds/*                # every benchmark, one table each
     python collect_results.py out/seeds/* --targets      # and each benchmark against the targets
     python collect_results.py out/seeds/* --headline     # only the README's table: one line per benchmark
+    python collect_results.py runs/* --data_name=c:cifar10-jpg  # runs that read the data from a folder "c"
 """
 
 import glob
@@ -24,9 +25,11 @@ MODELS = ("ERM", "MaskTune", "MaskTune, round 1", "no-mask control", "random-mas
 SHIFTED = ("clean", "conflicting", "worst_group")  # a planted shortcut's columns, on val and test
 
 
-def benchmark(config: dict) -> str:
-    """The data set and planted shortcut of a run, in words (and the network, for resnet50.py's runs)."""
-    data = "MNIST" if config.get("dataset") == "mnist" else os.path.basename(config["data_dir"].rstrip("/"))
+def benchmark(config: dict, data_names: dict) -> str:
+    """The data set and planted shortcut of a run, in words (and the network, for resnet50.py's runs); the
+    data is named by its folder, or by ``data_names[folder]``."""
+    folder = os.path.basename(config["data_dir"].rstrip("/"))
+    data = "MNIST" if config.get("dataset") == "mnist" else data_names.get(folder, folder)
     network = ", ResNet50" if "pretrained" in config else ""  # a setting of resnet50.py only
     if not config.get("shortcut"):
         return f"{data}, no shortcut{network}"
@@ -56,8 +59,9 @@ def method(config: dict) -> str:
     return f"{config['masking']}, {extent}{size}{grown}{rounds}, {config['mask_fill']}"
 
 
-def read_runs(folders: list[str]) -> list[dict]:
-    """Every finished run below ``folders``: its config, machine, summary and per-model metrics."""
+def read_runs(folders: list[str], data_names: dict | None = None) -> list[dict]:
+    """Every finished run below ``folders``: its config, machine, summary and per-model metrics;
+    ``data_names`` as for ``benchmark``."""
     runs = []
     for folder in folders:
         paths = sorted(glob.glob(os.path.join(folder, "seed*", "metrics.json")))
@@ -76,7 +80,7 @@ def read_runs(folders: list[str]) -> list[dict]:
             config = metrics["run_config"]
             runs.append(
                 {
-                    "benchmark": benchmark(config),
+                    "benchmark": benchmark(config, data_names or {}),
                     "method": method(config),
                     "seed": config["seed"],
                     "machine": facts.get("machine", "?"),
@@ -97,10 +101,12 @@ def cell(values: list[float]) -> str:
 
 
 def rows_of(runs: list[dict]) -> list[tuple[str, list[dict], str]]:
-    """(row label, runs, model): ERM once (from the first method's runs), then each method's MaskTune and
-    the other models its runs all trained (round 1 of mask_rounds > 1, the controls)."""
+    """(row label, runs, model): ERM once (from the runs of the method with the most seeds: the others reuse
+    its ERM models or train the same ones), then each method's MaskTune and the other models its runs all
+    trained (round 1 of mask_rounds > 1, the controls)."""
     methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "as published", m))
-    rows = [("ERM", [r for r in runs if r["method"] == methods[0]], "ERM")]
+    seeded = max(methods, key=lambda m: sum(r["method"] == m for r in runs))  # the first of the largest
+    rows = [("ERM", [r for r in runs if r["method"] == seeded], "ERM")]
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
         rows.append((f"MaskTune, {m}", mine, "MaskTune"))
@@ -252,9 +258,15 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         return
     targets = "--targets" in argv
-    folders = [a for a in argv if a not in ("--targets", "--headline")]
-    check(folders, "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets] [--headline]")
-    runs = read_runs(folders)
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("--data_name=")]
+    check(all(":" in n for n in names), "--data_name takes FOLDER:NAME, e.g. --data_name=c:cifar10-jpg")
+    folders = [a for a in argv if a not in ("--targets", "--headline") and not a.startswith("--data_name=")]
+    check(
+        folders,
+        "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets] [--headline] "
+        "[--data_name=FOLDER:NAME ...]",
+    )
+    runs = read_runs(folders, dict(n.split(":", 1) for n in names))
     if "--headline" in argv:
         print(headline(runs))
         return

@@ -49,3 +49,22 @@ def test_each_method_gets_its_own_mean_and_targets(tmp_path):
     assert f"| {completed_name} | clean - conflicting <= 3 | +2.00 | met |" in targets
     assert f"| {previous_name} | worst group - ERM's >= 30 | +10.00 | **missed** |" in targets
     assert sum("no-mask control" in line for line in targets) == 1  # only the method that trained it
+
+
+def test_the_erm_row_comes_from_the_method_with_the_most_seeds_and_data_can_be_renamed(tmp_path):
+    """MaskTune as published reuses the defaults' ERM models; where fewer of its seeds finished, the ERM row
+    still shows every seed. --data_name names a data folder."""
+    defaults, published = str(tmp_path / "defaults"), str(tmp_path / "published")
+    masktune = {"clean_accuracy": 0.7, "conflicting_accuracy": 0.6, "worst_group_accuracy": 0.4}
+    for seed in (0, 1):
+        write_run(defaults, seed, masktune, complete=True, controls=True)
+    write_run(published, 0, masktune, complete=True, controls=False)
+    with open(os.path.join(published, "seed0", "metrics.json")) as f:
+        run = json.load(f)
+    run["run_config"] |= {"masking": "xgradcam", "mask_fill": "black", "finetune_min_steps": 0}
+    with open(os.path.join(published, "seed0", "metrics.json"), "w") as f:
+        json.dump(run, f)
+    printed = run_here("collect_results.py", published, defaults, "--data_name=cifar10-jpg:CIFAR-10 (JPEG)")
+    assert "### CIFAR-10 (JPEG), square 4, ratio 0.95" in printed
+    erm = next(line for line in printed.splitlines() if line.startswith("| ERM |"))
+    assert erm.endswith("| 60.00 +/- 0.00 | 30.00 +/- 0.00 | 0.00 +/- 0.00 | – | 0, 1 |")
