@@ -19,15 +19,14 @@ import os
 
 import torch
 
-from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from masktune.checkpoint import RUN_MODELS, load_run_as_trained
 from masktune.console import check
 from masktune.datasets import experiment_data
-from masktune.device import pick_device
 from masktune.engine import predict_all
 from masktune.masking import compute_masks, fill_masks, mask_settings
 from masktune.metrics import group_accuracy, per_class_accuracy, write_predictions
 from masktune.plots import save_grouped_bars
-from masktune.recipes import check_run_settings, configure
+from masktune.recipes import configure
 from masktune.seeds import stream
 from masktune.shortcuts import shortcut_evaluation
 from models import VGGWithAttention
@@ -40,12 +39,7 @@ eval_batch_size = 1000  # images per forward pass
 
 config, claims = configure(globals(), run_settings=True)
 check(eval_batch_size > 0, "eval_batch_size must be positive")
-ensure_writable_dir(out_dir)
-device_ = pick_device(device)
-
-models, states = load_run(checkpoint_dir, "vgg", device_, (VGGWithAttention,))
-run = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
-check_run_settings(claims, run, checkpoint_dir)
+device_, models, states, run = load_run_as_trained(config, claims, "vgg", (VGGWithAttention,))
 train_set, val_set, test_set = experiment_data(run)
 classes, labels = test_set.classes, test_set.labels
 check(len(classes) == models["initial"].num_classes, "the data's classes do not match the checkpoints")

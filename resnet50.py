@@ -28,15 +28,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_checkpoint, load_run, load_weights
+from masktune.checkpoint import RUN_MODELS, load_checkpoint, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
-from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
-from masktune.distributed import init_distributed, is_main
+from masktune.device import describe_machine, prepare_model
+from masktune.distributed import is_main
 from masktune.engine import predict_all
 from masktune.masking import STRATEGIES
 from masktune.metrics import evaluate_predictions, format_evaluation, write_predictions
-from masktune.pipeline import Run, check_training_settings, masks_sha1
+from masktune.pipeline import Run, check_training_settings, masks_sha1, start_run
 from masktune.recipes import configure
 from masktune.shortcuts import describe_coverage, marker_coverage, shortcut_evaluation
 from models import AttentionMaskingResNet50, ResNet50
@@ -125,11 +125,7 @@ check(finetune_epochs > 0, "finetune_epochs must be positive")
 check_choice("dataset", dataset, ("auto", "celeba", "waterbirds", "folder"))
 check(image_size >= 32, "image_size must be at least 32")
 check(subset_size >= 0 and eval_subset_size >= 0, "subset sizes must be >= 0 (0 = all)")
-ensure_writable_dir(checkpoint_dir)
-ensure_writable_dir(out_dir)
-device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
-generator = seed_everything(seed)
-memory = PeakMemory(device_)  # peak host and device memory per stage, for summary.json
+device_, generator, memory = start_run(config)  # folders, device (torchrun: this process's), seeds, memory
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,12 @@ import os
 
 import torch
 
-from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from masktune.checkpoint import RUN_MODELS, load_run_as_trained
 from masktune.console import check
 from masktune.datasets import experiment_data
-from masktune.device import pick_device
 from masktune.engine import predict_all
 from masktune.plots import save_risk_coverage
-from masktune.recipes import check_run_settings, configure
+from masktune.recipes import configure
 from masktune.selective import (
     agreement_rule,
     classification_scorers,
@@ -52,12 +51,8 @@ config, claims = configure(globals(), run_settings=True)
 check(0 <= confidence_threshold <= 1, "confidence_threshold must be in [0, 1]")
 check(target_coverages and all(0 < c <= 1 for c in target_coverages), "target_coverages must lie in (0, 1]")
 check(eval_batch_size > 0, "eval_batch_size must be positive")
-ensure_writable_dir(out_dir)
-device_ = pick_device(device)
-
-models, states = load_run(checkpoint_dir, "resnet50", device_, (ResNet50, AttentionMaskingResNet50))
-run = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
-check_run_settings(claims, run, checkpoint_dir)
+architectures = (ResNet50, AttentionMaskingResNet50)
+device_, models, _, run = load_run_as_trained(config, claims, "resnet50", architectures)
 _, val_set, test_set = experiment_data(run, fallback="")
 multilabel = test_set.labels.is_floating_point()
 tuned = [n for n in models if n != "initial"]

@@ -20,13 +20,12 @@ import os
 
 import torch
 
-from masktune.checkpoint import RUN_MODELS, ensure_writable_dir, load_run
+from masktune.checkpoint import RUN_MODELS, load_run_as_trained
 from masktune.console import check
 from masktune.datasets import experiment_data
-from masktune.device import pick_device
 from masktune.engine import predict_all
 from masktune.plots import save_risk_coverage
-from masktune.recipes import check_run_settings, configure
+from masktune.recipes import configure
 from masktune.selective import agreement_rule, classification_scorers, compare_scorers, format_scorer_table
 from models import VGGWithAttention
 
@@ -45,12 +44,7 @@ check(0 <= confidence_threshold <= 1, "confidence_threshold must be in [0, 1]")
 check(difficult_class_weight > 0, "difficult_class_weight must be positive")
 check(all(0 < c <= 1 for c in target_coverages) and target_coverages, "target_coverages must lie in (0, 1]")
 check(eval_batch_size > 0, "eval_batch_size must be positive")
-ensure_writable_dir(out_dir)
-device_ = pick_device(device)
-
-models, states = load_run(checkpoint_dir, "vgg", device_, (VGGWithAttention,))
-run_config = dict(states["finetuned"]["config"], **({"data_dir": data_dir} if data_dir else {}))
-check_run_settings(claims, run_config, checkpoint_dir)
+device_, models, _, run_config = load_run_as_trained(config, claims, "vgg", (VGGWithAttention,))
 _, val_set, test_set = experiment_data(run_config)
 classes = test_set.classes
 weighted = [c for c in difficult_classes if c in classes]

@@ -23,13 +23,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
+from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import DATASETS, experiment_data
-from masktune.device import PeakMemory, describe_machine, pick_device, prepare_model, seed_everything
-from masktune.distributed import init_distributed, is_main, world_size
+from masktune.device import describe_machine, prepare_model
+from masktune.distributed import is_main, world_size
 from masktune.masking import STRATEGIES
-from masktune.pipeline import Run, WhyFigure, check_training_settings, masks_sha1, reuse_erm
+from masktune.pipeline import Run, WhyFigure, check_training_settings, masks_sha1, reuse_erm, start_run
 from masktune.plots import save_training_curves
 from masktune.recipes import configure
 from masktune.shortcuts import describe_coverage, marker_coverage
@@ -101,11 +101,7 @@ config = configure(globals())
 check_training_settings(config, STRATEGIES)
 check(warmup_epochs >= 0, "warmup_epochs must be >= 0")
 check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
-ensure_writable_dir(checkpoint_dir)
-ensure_writable_dir(out_dir)
-device_ = init_distributed(pick_device(device))  # under torchrun: this process's device
-generator = seed_everything(seed)
-memory = PeakMemory(device_)  # peak host and device memory per stage, for summary.json
+device_, generator, memory = start_run(config)  # folders, device (torchrun: this process's), seeds, memory
 
 
 def training_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from masktune.console import UserError, check
-from masktune.device import prepare_model
+from masktune.device import pick_device, prepare_model
 from masktune.distributed import barrier, is_main
+from masktune.recipes import check_run_settings
 
 FORMAT_VERSION = 1
 
@@ -190,6 +191,22 @@ def load_run(
                 f"{prefix}_{name}.pt comes from another run than {prefix}_finetuned.pt",
             )
     return models, states
+
+
+def load_run_as_trained(
+    config: dict, claims: dict, prefix: str, architectures: tuple[type, ...]
+) -> tuple[torch.device, dict, dict, dict]:
+    """An evaluation script's start, from its ``config``: its ``out_dir`` made, its ``device`` picked, and
+    the run in its ``checkpoint_dir`` loaded there (``load_run``): (device, {name: model}, {name: state}, the
+    config the run was trained with). The run's data is read from ``data_dir`` where one is given. The
+    settings the script was given (``claims``) must equal the run's."""
+    ensure_writable_dir(config["out_dir"])
+    device = pick_device(config["device"])
+    models, states = load_run(config["checkpoint_dir"], prefix, device, architectures)
+    data = {"data_dir": config["data_dir"]} if config["data_dir"] else {}
+    run_config = dict(states["finetuned"]["config"], **data)
+    check_run_settings(claims, run_config, config["checkpoint_dir"])
+    return device, models, states, run_config
 
 
 def ensure_writable_dir(path: str) -> str:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from masktune.checkpoint import load_checkpoint, load_weights
+from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
 from masktune.console import check, check_choice
-from masktune.device import fits_on_device
-from masktune.distributed import is_main
+from masktune.device import PeakMemory, fits_on_device, pick_device, seed_everything
+from masktune.distributed import init_distributed, is_main
 from masktune.engine import (
     FINETUNE_SCHEDULES,
     Stage,
@@ -69,6 +69,17 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
     check_choice("finetune_from", config["finetune_from"], ("best", "last"))
     check_choice("finetune_schedule", config["finetune_schedule"], FINETUNE_SCHEDULES)
     return mask_settings(config)
+
+
+def start_run(config: dict) -> tuple[torch.device, torch.Generator, PeakMemory]:
+    """What a training script does once its settings are checked: make its folders (``checkpoint_dir``,
+    ``out_dir``), pick its ``device`` (under torchrun: this process's), seed every random number generator
+    (the generator it returns draws the data order and augmentation), and start measuring its peak memory
+    per stage, for its summary."""
+    ensure_writable_dir(config["checkpoint_dir"])
+    ensure_writable_dir(config["out_dir"])
+    device = init_distributed(pick_device(config["device"]))
+    return device, seed_everything(config["seed"]), PeakMemory(device)
 
 
 @dataclass
