@@ -258,15 +258,15 @@ def main(argv: list[str]) -> None:
         print(__doc__)
         return
     targets = "--targets" in argv
-    names = [a.split("=", 1)[1] for a in argv if a.startswith("--data_name=")]
-    check(all(":" in n for n in names), "--data_name takes FOLDER:NAME, e.g. --data_name=c:cifar10-jpg")
+    data_names = [a.split("=", 1)[1] for a in argv if a.startswith("--data_name=")]
+    check(all(":" in n for n in data_names), "--data_name takes FOLDER:NAME, e.g. --data_name=c:cifar10-jpg")
     folders = [a for a in argv if a not in ("--targets", "--headline") and not a.startswith("--data_name=")]
     check(
         folders,
         "usage: python collect_results.py RUN_FOLDER [RUN_FOLDER ...] [--targets] [--headline] "
         "[--data_name=FOLDER:NAME ...]",
     )
-    runs = read_runs(folders, dict(n.split(":", 1) for n in names))
+    runs = read_runs(folders, dict(n.split(":", 1) for n in data_names))
     if "--headline" in argv:
         print(headline(runs))
         return
