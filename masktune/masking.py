@@ -24,7 +24,9 @@ How much of a map is masked (``mask_extent``):
              of its most salient pixel, where that colour covers at most a quarter of the image: the box
              filter puts the threshold inside a large flat marker, and the fine-tune would learn the rim
              left in view (the 12x12 square: 53% of it hidden, 69% completed). A background colour
-             (MNIST's black) is too common to grow through.
+             (MNIST's black) is too common to grow through. With ``complete_first`` (off by default) each
+             candidate region is completed before the test, so that the test judges the region the mask
+             will hide: a large marker whole, rather than its blurred core beside the partner's marker.
   rounds     (``mask_rounds`` > 1, off by default; ``pipeline.Run.masks``) fine-tune on the masks, then add
              the fine-tuned model's masks: what it learned in place of the masked pixels (a large marker's
              rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
@@ -173,6 +175,7 @@ def mask_settings(config: dict) -> dict:
         extent=config["mask_extent"],
         widen=config.get("mask_widen", False),  # runs from before the setting did not widen
         complete=config.get("mask_complete", False),
+        complete_first=config.get("mask_complete_first", False),
         quantile=config["mask_quantile"],
         num_std=config["mask_std"],
         smoothing=config["gradient_smoothing"],
@@ -221,19 +224,24 @@ def decisive_masks(
     cam: torch.Tensor,
     multilabel: bool = False,
     amp: bool = False,
+    complete: bool = False,
 ) -> torch.Tensor:
     """Per image, the smallest top region of ``cam`` (``DECISIVE_AREAS``) that the prediction follows against
     a ``partners`` image of another class (see the module docstring); no mask where none does. Each area
     is tested only on the images still without a mask, and the region replaced
-    only where the region kept alone holds enough probability to pass."""
+    only where the region kept alone holds enough probability to pass. With ``complete`` each region is
+    completed (``complete_flat_regions``) before it is tested."""
     with torch.no_grad(), autocast(inputs.device, amp):
         logits = model(inputs)[0].float()
     predicted = logits > 0 if multilabel else logits.argmax(1)
     masks = torch.zeros_like(cam, dtype=torch.bool)
     open_ = torch.arange(len(cam), device=cam.device)  # the images still without a mask
     for area in DECISIVE_AREAS:
-        region = top_region(cam[open_], area)[:, None]
         x, partner, target = inputs[open_], partners[open_], predicted[open_]
+        region = top_region(cam[open_], area)
+        if complete:
+            region = complete_flat_regions(region, x, cam[open_])
+        region = region[:, None]
         kept = prediction_kept(model, torch.where(region, x, partner), target, multilabel, amp)
         candidates = (kept >= DECISIVE_MARGIN).nonzero().flatten()  # replaced >= 0: the others cannot pass
         replaced = prediction_kept(
@@ -245,7 +253,7 @@ def decisive_masks(
         )
         passed = candidates[kept[candidates] - replaced >= DECISIVE_MARGIN]
         if len(passed):  # at its own area: twice it cost the 4x4 square and MNIST 4-10 points (validation)
-            masks[open_[passed]] = top_region(cam[open_[passed]], area)
+            masks[open_[passed]] = region[passed, 0]
         still_open = torch.ones(len(open_), dtype=torch.bool, device=cam.device)
         still_open[passed] = False
         open_ = open_[still_open]
@@ -281,6 +289,7 @@ def saliency_mask(
     extent: str = "fixed",
     widen: bool = False,
     complete: bool = False,
+    complete_first: bool = False,
     partners: torch.Tensor | None = None,
     quantile: float = 0.75,
     num_std: float = 2.0,
@@ -295,10 +304,10 @@ def saliency_mask(
     cam = saliency_map(model, inputs, strategy, smoothing=smoothing, multilabel=multilabel, amp=amp)
     if extent == "decisive":
         check(partners is not None, "the decisive mask extent needs partner images")
-        masks = decisive_masks(model, inputs, partners, cam, multilabel, amp)
+        masks = decisive_masks(model, inputs, partners, cam, multilabel, amp, complete and complete_first)
         if widen and strategy == "gradient":  # the rim the box filter blurred below the threshold
             masks = grow_masks(masks, smoothing_side(smoothing, inputs) // 2)
-        if complete:
+        if complete and not complete_first:
             masks = complete_flat_regions(masks, inputs, cam)
         return cam, masks
     if strategy == "xgradcam":

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import PATCH, patch_corner, planted_images
+from masktune import masking
 from masktune.console import UserError
 from masktune.device import prepare_model
 from masktune.engine import TrainingSet, accuracy, predict, train_epoch
@@ -153,6 +154,36 @@ def test_the_completed_decisive_mask_hides_a_flat_marker_whole_and_nothing_else(
     }
     assert (found[True] & corner).flatten(1).sum(1).eq(side * side).all()
     assert torch.equal(found[True] & ~corner, found[False] & ~corner)
+
+
+def test_completing_first_tests_the_region_the_mask_hides(monkeypatch):
+    """Only the 3% candidate allowed, and a model that reads a 12x12 marker, most strongly near the image's
+    corner: the top 3% of its map is that part of the marker, and kept alone beside the partner's own
+    marker (the rest of the corner) it does not decide the prediction, so no image gets a mask. Completed
+    before the test, the candidate is the whole marker, which decides it: the mask is exactly the marker."""
+    monkeypatch.setattr(masking, "DECISIVE_AREAS", (0.03,))
+    corner = torch.zeros(32, 32, dtype=torch.bool)
+    corner[:12, :12] = True
+    rows, cols = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    reading = 1 + (22 - rows - cols) / 44  # 1.5 at the image's corner, 1 at the marker's far corner
+    weight = torch.zeros(2, 3, 32, 32)
+    weight[0, :, :12, :12], weight[1, :, :12, :12] = reading, -reading
+    images, labels = two_class_images(40, corner)
+    found = {
+        first: compute_masks(
+            LinearModel(weight),
+            images,
+            "gradient",
+            batch_size=16,
+            labels=labels,
+            extent="decisive",
+            complete=True,
+            complete_first=first,
+        )
+        for first in (False, True)
+    }
+    assert not found[False].any()
+    assert (found[True] == corner).all()
 
 
 def test_completion_leaves_a_background_colour_and_an_empty_mask_alone():
