@@ -107,6 +107,13 @@ def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size
     assert (masks == corner).all()
 
 
+def linear_decisive_masks(weight: torch.Tensor, images, labels, **settings) -> torch.Tensor:
+    """The decisive masks of ``LinearModel(weight)`` on ``images`` (gradient map, default smoothing)."""
+    return compute_masks(
+        LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive", **settings
+    )
+
+
 @pytest.mark.parametrize("side", [4, 12])
 def test_the_widened_decisive_mask_hides_a_marker_of_any_size_whole(side):
     """A linear model that reads only a side x side corner of 32x32 images (2% or 14% of the image): the
@@ -118,15 +125,11 @@ def test_the_widened_decisive_mask_hides_a_marker_of_any_size_whole(side):
     weight = torch.zeros(2, 3, 32, 32)
     weight[0, :, corner], weight[1, :, corner] = 1.0, -1.0
     images, labels = two_class_images(40, corner)
-    masks = compute_masks(
-        LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive", widen=True
-    )
+    masks = linear_decisive_masks(weight, images, labels, widen=True)
     assert (masks & corner).flatten(1).sum(1).eq(side * side).all()
     assert (masks & ~corner).flatten(1).sum(1).le((side + 4) ** 2 - side * side).all()
     if side == 12:
-        unwidened = compute_masks(
-            LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive"
-        )
+        unwidened = linear_decisive_masks(weight, images, labels)
         assert (unwidened & corner).flatten(1).sum(1).lt(side * side).all()
 
 
@@ -140,18 +143,7 @@ def test_the_completed_decisive_mask_hides_a_flat_marker_whole_and_nothing_else(
     weight = torch.zeros(2, 3, 32, 32)
     weight[0, :, corner], weight[1, :, corner] = 1.0, -1.0
     images, labels = two_class_images(40, corner)
-    found = {
-        complete: compute_masks(
-            LinearModel(weight),
-            images,
-            "gradient",
-            batch_size=16,
-            labels=labels,
-            extent="decisive",
-            complete=complete,
-        )
-        for complete in (False, True)
-    }
+    found = {c: linear_decisive_masks(weight, images, labels, complete=c) for c in (False, True)}
     assert (found[True] & corner).flatten(1).sum(1).eq(side * side).all()
     assert torch.equal(found[True] & ~corner, found[False] & ~corner)
 
@@ -170,17 +162,8 @@ def test_completing_first_tests_the_region_the_mask_hides(monkeypatch):
     weight[0, :, :12, :12], weight[1, :, :12, :12] = reading, -reading
     images, labels = two_class_images(40, corner)
     found = {
-        first: compute_masks(
-            LinearModel(weight),
-            images,
-            "gradient",
-            batch_size=16,
-            labels=labels,
-            extent="decisive",
-            complete=True,
-            complete_first=first,
-        )
-        for first in (False, True)
+        f: linear_decisive_masks(weight, images, labels, complete=True, complete_first=f)
+        for f in (False, True)
     }
     assert not found[False].any()
     assert (found[True] == corner).all()
