@@ -55,6 +55,7 @@ def method(config: dict) -> str:
     grown = ", widened" if config.get("mask_widen") else ""
     grown += ", completed" if config.get("mask_complete") else ""
     grown += " first" if config.get("mask_complete") and config.get("mask_complete_first") else ""
+    grown += f", shared {config['mask_class_share']}" if config.get("mask_class_share") else ""
     reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""
     rounds = f", {config['mask_rounds']} rounds{reach}" if config.get("mask_rounds", 1) > 1 else ""
     return f"{config['masking']}, {extent}{size}{grown}{rounds}, {config['mask_fill']}"

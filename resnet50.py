@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from masktune.checkpoint import RUN_MODELS, load_checkpoint, load_run, load_weights
+from masktune.checkpoint import RUN_MODELS, load_checkpoint, load_optimizer, load_run, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import experiment_data
 from masktune.device import describe_machine, prepare_model
@@ -104,6 +104,8 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 # flat marker's rim (not a colour over a quarter of the image). The 12x12 square's val conflicting 20 -> 52%
 mask_complete_first = False  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), rather than the top region alone
+mask_class_share = 0.25  # decisive: masks only where a region decides at least this share of some class's
+# images (a shortcut, not a few objects: plain CIFAR-10 <= 8%), else none; 0: always. See masking.py
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the
@@ -182,10 +184,15 @@ else:
         f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of "
         "training pixels masked"
     )
+    print(run.describe_class_mask_rates())
     coverage = marker_coverage(masks[:], train_set) if shortcut else None
     if coverage:  # with a planted shortcut: do the masks find it?
         print(describe_coverage(coverage))
-    mask_facts = {"masked_fraction": masked_fraction, "marker_coverage": coverage}
+    mask_facts = {
+        "masked_fraction": masked_fraction,
+        "class_mask_rates": run.class_mask_rates,
+        "marker_coverage": coverage,
+    }
     variants, extra = run.fine_tune_sets(masks), {"masks_sha1": masks_sha1(masks)}
     memory.record("masking")
 for name, images in variants.items():
@@ -195,7 +202,7 @@ for name, images in variants.items():
     net = prepare_model(net, device_, **speed)
     net_optimizer = new_optimizer(net)
     if masking != "feature":  # the paper continues the ERM optimizer; the report's variant starts afresh
-        net_optimizer.load_state_dict(start["optimizer"])
+        load_optimizer(net_optimizer, start)
     run.fine_tune(net, net_optimizer, name, images, extra=extra)
 memory.record("fine-tunes")
 

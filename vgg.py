@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from masktune.checkpoint import load_checkpoint, load_weights
+from masktune.checkpoint import load_checkpoint, load_optimizer, load_weights
 from masktune.console import check, check_choice
 from masktune.datasets import DATASETS, experiment_data
 from masktune.device import describe_machine, prepare_model
@@ -81,6 +81,8 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 # flat marker's rim (not a colour over a quarter of the image). The 12x12 square's val conflicting 20 -> 52%
 mask_complete_first = False  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), rather than the top region alone
+mask_class_share = 0.25  # decisive: masks only where a region decides at least this share of some class's
+# images (a shortcut, not a few objects: plain CIFAR-10 <= 8%), else none; 0: always. See masking.py
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the
@@ -177,6 +179,7 @@ print(
     f"masking ({masking}, {mask_extent} extent, {mask_fill} fill): {100 * masked_fraction:.2f}% of training "
     f"pixels masked on average, {mask_seconds:.1f}s ({rate})"
 )
+print(run.describe_class_mask_rates())
 # with a planted shortcut: do the masks find it? (a researcher's own data has no ground truth for this)
 coverage = marker_coverage(masks[:], train_set) if shortcut else None
 if coverage:
@@ -187,7 +190,7 @@ figure = WhyFigure(run, model, masks)  # where the ERM model looks, before the f
 results = {"erm": {**erm_best["metrics"], "seconds": erm_seconds}}
 for name, images in run.fine_tune_sets(masks).items():  # finetuned, and the controls nomask, randommask
     load_weights(model, start)
-    optimizer.load_state_dict(start["optimizer"])
+    load_optimizer(optimizer, start)
     history = run.fine_tune(model, optimizer, name, images, extra={"masks_sha1": masks_sha1(masks)})
     results[name] = {"masked_fraction": images.masks.fraction(), **history[-1]}
     if name == "finetuned":  # what was masked, and where the models look before and after
@@ -205,6 +208,7 @@ if is_main():
                 "config": config,
                 "finetune_epochs_run": run.finetune_epochs,
                 "masked_fraction": masked_fraction,
+                "class_mask_rates": run.class_mask_rates,
                 "marker_coverage": coverage,
                 "masks_sha1": masks_sha1(masks),
                 "mask_seconds": mask_seconds,

@@ -1,6 +1,7 @@
 """Checkpoint I/O: atomic writes, ``weights_only`` loads, a clear refusal of the wrong checkpoint, and the
 output folders."""
 
+import copy
 import os
 import pickle
 import tempfile
@@ -124,6 +125,12 @@ def load_weights(model: nn.Module, state: dict, path: str = "checkpoint") -> nn.
             f"{path} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()[:200]}"
         ) from None
     return model
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a copy of ``state``'s optimizer state: loaded as it is, on the CPU the optimizer would keep the
+    checkpoint's own tensors as its momentum, and one fine-tune would change the next one's start."""
+    optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
 
 # settings that may change between a run and its resumption (they do not change the results)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_weights
+from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_optimizer, load_weights
 from masktune.console import check, check_choice
 from masktune.device import PeakMemory, fits_on_device, pick_device, seed_everything
 from masktune.distributed import init_distributed, is_main
@@ -35,6 +35,7 @@ from masktune.masking import (
     FILLS,
     MaskedImages,
     PackedMasks,
+    class_mask_rates,
     compute_masks,
     mask_settings,
     masked_images,
@@ -63,6 +64,7 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
         "momentum must be in [0, 1), weight_decay >= 0",
     )
     check_choice("masking", config["masking"], strategies)
+    check(0 <= config["mask_class_share"] < 1, "mask_class_share must be in [0, 1)")
     check(config["mask_rounds"] >= 1, "mask_rounds must be at least 1")
     check(0 <= config["mask_round_reach"] <= 1, "mask_round_reach must be in [0, 1]")
     check_choice("mask_fill", config["mask_fill"], FILLS)
@@ -108,6 +110,7 @@ class Run:
             len(self.train_set), c["batch_size"], c["finetune_epochs"], c["finetune_min_steps"]
         )
         self.erm_epochs = c["num_epochs"]
+        self.class_mask_rates = []  # per class, the share of its images the last masks_of call masked
         if c.get("dry_run"):  # one epoch of each stage: checks the set-up in seconds
             self.erm_epochs, self.finetune_epochs = 1, min(self.finetune_epochs, 1)
 
@@ -173,7 +176,7 @@ class Run:
         reach = round(self.config["mask_round_reach"] * masks.shape[-1])
         for done in range(1, self.config["mask_rounds"]):
             load_weights(model, start)
-            optimizer.load_state_dict(start["optimizer"])
+            load_optimizer(optimizer, start)
             self.fine_tune(model, optimizer, f"round{done}", self.masked(masks))
             more = self.masks_of(model, f"masking, round {done + 1}")
             masks = masks | (more.near(masks, reach) if reach > 0 else more)
@@ -181,9 +184,10 @@ class Run:
         return masks
 
     def masks_of(self, model: nn.Module, desc: str) -> PackedMasks:
-        """The training set's masks from the frozen ``model``, with the run's masking settings."""
+        """The training set's masks from the frozen ``model``, with the run's masking settings; none where
+        the decisive masks cover less than ``mask_class_share`` of every class's images (see masking.py)."""
         c = self.config
-        return compute_masks(
+        masks = compute_masks(
             model,
             self.train_images,
             c["masking"],
@@ -196,6 +200,23 @@ class Run:
             desc=desc,
             **mask_settings(c),
         )
+        self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
+        if c["mask_extent"] == "decisive" and max(self.class_mask_rates) < c["mask_class_share"]:
+            return PackedMasks.empty(*masks.shape, masks.device)  # no shortcut: the no-mask fine-tune
+        return masks
+
+    def describe_class_mask_rates(self) -> str:
+        """The line the scripts print about the last masks' share of each class's images."""
+        rates, c = self.class_mask_rates, self.config
+        most = max(range(len(rates)), key=rates.__getitem__)
+        name = self.train_set.classes[most] if len(rates) == len(self.train_set.classes) else f"set {most}"
+        line = (
+            f"a region decides the prediction on {100 * min(rates):.1f}-{100 * max(rates):.1f}% of a class's "
+            f"training images (most: {name})"
+        )
+        if c["mask_extent"] == "decisive" and max(rates) < c["mask_class_share"]:
+            line += f", under mask_class_share={c['mask_class_share']}: no masks (the no-mask fine-tune)"
+        return line
 
     def fine_tune_sets(self, masks: PackedMasks) -> dict[str, MaskedImages]:
         """What each fine-tune trains on: MaskTune's masks and, with ``controls``, no masks and the same

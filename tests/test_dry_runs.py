@@ -5,8 +5,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from conftest import run_here, write_image_folder
+from masktune.checkpoint import load_checkpoint
 
 SMALL = ["--dry_run=True", "--batch_size=64", "--eval_batch_size=256"]
 
@@ -32,7 +34,7 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     for name in ("metrics.json", "selective.json", "why.png", "risk_coverage.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 0, name
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
-    method = "gradient, decisive, completed, 2 rounds, shuffle_union"
+    method = "gradient, decisive, completed, shared 0.25, 2 rounds, shuffle_union"
     assert "| ERM |" in table and f"| MaskTune, {method} |" in table
     assert f"| MaskTune, round 1 ({method}) |" in table  # mask_rounds=1's
     assert "worst group - ERM's >= 30" in table and "AURC x 100" in table
@@ -95,3 +97,15 @@ def test_resume_keeps_a_finished_mask_round(tmp_path, cifar_dir):
     log = run_here("vgg.py", *args, "--resume=True")
     assert "fine-tune round1: done before, kept" in log
     assert json.load(open(tmp_path / "out" / "summary.json"))["masks_sha1"] == masks_sha1
+
+
+def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path, cifar_dir):
+    """With ``mask_class_share`` above every class's share of masked images the masks are dropped: MaskTune's
+    fine-tune is the no-mask control's, weight for weight."""
+    args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
+    out = run_here("vgg.py", *args, *SMALL, "--mask_class_share=0.99")
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert max(summary["class_mask_rates"]) < 0.99 and summary["masked_fraction"] == 0
+    assert "under mask_class_share=0.99: no masks" in out
+    tuned, plain = (load_checkpoint(tmp_path / "ckpt" / f"vgg_{n}.pt") for n in ("finetuned", "nomask"))
+    assert all(torch.equal(tuned["model"][k], plain["model"][k]) for k in tuned["model"])

@@ -15,6 +15,7 @@ from masktune.masking import (
     CHUNK_ROWS,
     PackedMasks,
     box_filter,
+    class_mask_rates,
     complete_flat_regions,
     compute_masks,
     fill_masks,
@@ -406,3 +407,15 @@ def test_saliency_mask_rejects_unknown_strategy():
         saliency_mask(VGGWithAttention(), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "gradcam")
     with pytest.raises(UserError, match="unknown mask_fill"):
         fill_masks(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, 2, 2, dtype=torch.bool), "grey")
+
+
+def test_class_mask_rates_count_the_masked_images_of_each_class():
+    """Class 0: 3 of its 4 images masked, class 1: 1 of 4; bool masks, packed ones and multi-label rows
+    (each distinct row a class, in sorted order) alike."""
+    masks = torch.zeros(8, 4, 4, dtype=torch.bool)
+    masks[[0, 2, 3, 4], 1, 1] = True
+    labels = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
+    rows = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[labels]  # sorted as the labels
+    for found in (masks, PackedMasks.pack(masks)):
+        for classes in (labels, rows):
+            assert class_mask_rates(found, classes).tolist() == [0.75, 0.25]
