@@ -105,7 +105,7 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 mask_complete_first = False  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), rather than the top region alone
 mask_class_share = 0.25  # decisive: masks only where a region decides at least this share of some class's
-# images (a shortcut, not a few objects: plain CIFAR-10 <= 8%), else none; 0: always. See masking.py
+# images (a shortcut, not a few objects: plain CIFAR-10 <= 8.3%), else none; 0: always. See masking.py
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the

@@ -34,7 +34,7 @@ How much of a map is masked (``mask_extent``):
   shared     (``mask_class_share``; ``pipeline.Run.masks_of``) the masks are kept only where a region
              decides the prediction on at least that share of some class's training images: a shortcut is
              shared by many of a class's images, while a region that decides a few images of every class
-             is their object (plain CIFAR-10: at most 8% of a class's images; the 4x4 square: 58-79%).
+             is their object (plain CIFAR-10: at most 8.3% of a class's images; the 4x4 square: 58-79%).
              Hiding a few objects only teaches what surrounds them; without the masks the fine-tune is the
              no-mask control's.
   fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
