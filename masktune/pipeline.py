@@ -201,21 +201,27 @@ class Run:
             **mask_settings(c),
         )
         self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
-        if c["mask_extent"] == "decisive" and max(self.class_mask_rates) < c["mask_class_share"]:
+        if self.masks_dropped():
             return PackedMasks.empty(*masks.shape, masks.device)  # no shortcut: the no-mask fine-tune
         return masks
 
+    def masks_dropped(self) -> bool:
+        """Whether the last masks_of call dropped its decisive masks (no class reached the share)."""
+        c = self.config
+        return c["mask_extent"] == "decisive" and max(self.class_mask_rates) < c["mask_class_share"]
+
     def describe_class_mask_rates(self) -> str:
         """The line the scripts print about the last masks' share of each class's images."""
-        rates, c = self.class_mask_rates, self.config
-        most = max(range(len(rates)), key=rates.__getitem__)
-        name = self.train_set.classes[most] if len(rates) == len(self.train_set.classes) else f"set {most}"
+        rates = self.class_mask_rates
+        most = rates.index(max(rates))  # multi-label: the index of a distinct set of labels
+        name = f"set {most}" if self.train_labels.is_floating_point() else self.train_set.classes[most]
         line = (
             f"a region decides the prediction on {100 * min(rates):.1f}-{100 * max(rates):.1f}% of a class's "
             f"training images (most: {name})"
         )
-        if c["mask_extent"] == "decisive" and max(rates) < c["mask_class_share"]:
-            line += f", under mask_class_share={c['mask_class_share']}: no masks (the no-mask fine-tune)"
+        if self.masks_dropped():
+            share = self.config["mask_class_share"]
+            line += f", under mask_class_share={share}: no masks (the no-mask fine-tune)"
         return line
 
     def fine_tune_sets(self, masks: PackedMasks) -> dict[str, MaskedImages]:
