@@ -24,9 +24,9 @@ How much of a map is masked (``mask_extent``):
              of its most salient pixel, where that colour covers at most a quarter of the image: the box
              filter puts the threshold inside a large flat marker, and the fine-tune would learn the rim
              left in view (the 12x12 square: 53% of it hidden, 69% completed). A background colour
-             (MNIST's black) is too common to grow through. With ``complete_first`` (off by default) each
-             candidate region is completed before the test, so that the test judges the region the mask
-             will hide: a large marker whole, rather than its blurred core beside the partner's marker.
+             (MNIST's black) is too common to grow through. With ``complete_first`` (the scripts' default)
+             each candidate region is completed before the test, so that the test judges the region the
+             mask will hide: a large marker whole, rather than its blurred core beside the partner's marker.
   rounds     (``mask_rounds`` > 1, off by default; ``pipeline.Run.masks``) fine-tune on the masks, then add
              the fine-tuned model's masks: what it learned in place of the masked pixels (a large marker's
              rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
@@ -180,7 +180,7 @@ def mask_settings(config: dict) -> dict:
     return dict(
         extent=config["mask_extent"],
         widen=config.get("mask_widen", False),  # runs from before the setting did not widen
-        complete=config.get("mask_complete", False),
+        complete=config.get("mask_complete", False),  # nor complete, nor complete first
         complete_first=config.get("mask_complete_first", False),
         quantile=config["mask_quantile"],
         num_std=config["mask_std"],
