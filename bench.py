@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from masktune.batches import draw_epoch, flip_crop
 from masktune.device import PeakMemory, autocast, native_bf16, pick_device, prepare_model, seed_everything
 from masktune.engine import TrainingSet, predict, train_epoch
-from masktune.masking import compute_masks, masked_images
+from masktune.masking import STRATEGIES, compute_masks, masked_images
 from masktune.recipes import configure
 from models import ResNet50, VGGWithAttention
 
@@ -178,7 +178,7 @@ record(
     "in memory",
 )
 memory.record("VGG training")
-for strategy in ("gradient", "attention", "xgradcam"):
+for strategy in STRATEGIES:
     mask_rate = images_per_second(
         lambda s=strategy: compute_masks(model, images_d, s, batch_size=eval_batch_size, amp=amp), num_images
     )
@@ -189,12 +189,14 @@ for strategy in ("gradient", "attention", "xgradcam"):
     )
     record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
 decisive = dict(extent="decisive", labels=labels_d, amp=amp)
-record(
-    "(b) VGG masking, gradient, decisive extent",
-    images_per_second(
-        lambda: compute_masks(model, images_d, "gradient", batch_size=eval_batch_size, **decisive), num_images
-    ),
-)
+for strategy in ("gradient", "integrated"):
+    record(
+        f"(b) VGG masking, {strategy}, decisive extent",
+        images_per_second(
+            lambda s=strategy: compute_masks(model, images_d, s, batch_size=eval_batch_size, **decisive),
+            num_images,
+        ),
+    )
 memory.record("VGG masking")
 masks = compute_masks(model, images_d, "xgradcam", batch_size=eval_batch_size, amp=amp)
 masked = TrainingSet(

@@ -94,7 +94,7 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the models: compilation takes a while, pays off on long runs
 # MaskTune
-masking = "gradient"  # "gradient", "attention" or "xgradcam" (input masks, see masking.py), or "feature"
+masking = "gradient"  # "gradient", "integrated", "attention", "xgradcam" (input masks, masking.py), "feature"
 # (the report's learned feature mask)
 mask_extent = "decisive"  # per image, the smallest top region the prediction follows (none: no mask);
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py

@@ -71,8 +71,8 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the model: compilation takes a while, pays off on long GPU runs
 # MaskTune: masks computed once, with the frozen best ERM model
-masking = "gradient"  # saliency: "gradient" (gradient x input), "attention" (the model's attention
-# map) or "xgradcam" (the paper's); see masking.py
+masking = "gradient"  # saliency: "gradient" (gradient x input), "integrated" (integrated gradients from
+# the decisive test's partner image), "attention" (the model's attention map) or "xgradcam" (the paper's)
 mask_extent = "decisive"  # per image, the smallest top region the prediction follows (none: no mask);
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's

@@ -21,6 +21,7 @@ from masktune.masking import (
     fill_masks,
     gradient_saliency,
     grow_masks,
+    integrated_saliency,
     masked_images,
     mean_std_threshold,
     other_class_partners,
@@ -80,6 +81,25 @@ def test_gradient_saliency_is_gradient_times_normalised_input():
     smoothed = gradient_saliency(model, images, smoothing=0.4)
     # smoothed before the positive part is taken
     assert torch.allclose(smoothed[:, 2:6, 2:6], box_filter(signed, 3)[:, 2:6, 2:6].clamp_min(0), atol=1e-4)
+
+
+def test_integrated_saliency_is_the_logit_change_from_the_baseline_per_pixel():
+    """On a linear model integrated gradients are exact: each pixel's share of the predicted logit's change
+    from the baseline image to the image, whatever the number of steps."""
+    torch.manual_seed(0)
+    model = LinearModel(torch.randn(2, 3, 8, 8))
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    baselines = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    predicted = model(images)[0].argmax(1)
+    change = (model.weight[predicted].detach() * (model.normalize(images) - model.normalize(baselines))).sum(
+        1
+    )
+    maps = integrated_saliency(model, images, baselines, smoothing=0)
+    assert (change < 0).any() and torch.allclose(maps, change.clamp_min(0), atol=1e-4)
+    # without baselines it starts from the model's zero input: gradient x input
+    assert torch.allclose(
+        integrated_saliency(model, images, smoothing=0), gradient_saliency(model, images, 0)
+    )
 
 
 def two_class_images(n: int, region: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +393,7 @@ def planted_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["gradient", "attention", "xgradcam"])
+@pytest.mark.parametrize("strategy", ["gradient", "integrated", "attention", "xgradcam"])
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32", "amp_channels_last"])
 def test_masks_cover_the_planted_patch(planted_model, strategy, fast):
     """gradient and attention mask a fixed 25% of each image: it must contain the whole square; xgradcam's
