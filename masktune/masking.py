@@ -68,6 +68,7 @@ DECISIVE_MARGIN = 0.5  # how much more probability the prediction keeps with the
 FLAT_TOLERANCE = 8  # complete: pixels within this (of 255, in every channel) share the mask's colour
 FLAT_RARITY = 0.25  # complete: a colour over more of the image than this is a background, not a marker
 INTEGRATED_STEPS = 4  # integrated: gradients averaged at this many points on the way from the baseline
+BOX_FILTERED = ("gradient", "integrated")  # the maps smoothed by ``box_filter`` (what ``widen`` undoes)
 
 
 def trunk_features(model: nn.Module, inputs: torch.Tensor, amp: bool = False) -> torch.Tensor:
@@ -89,11 +90,12 @@ def attention_saliency(model: nn.Module, inputs: torch.Tensor, amp: bool = False
 
 def explained_score(logits: torch.Tensor, targets: torch.Tensor | None, multilabel: bool) -> torch.Tensor:
     """The score a saliency map explains, summed over the batch: the target (default: predicted) class's
-    logit, or for multi-label logits the evidence for every predicted label (+logit for present, -logit for
-    absent attributes). Each logit depends only on its own image (eval mode), so one backward pass gives
-    every image's gradient."""
+    logit, or for multi-label logits the evidence for every target (default: predicted) label (+logit for
+    present, -logit for absent attributes; targets: bool). Each logit depends only on its own image (eval
+    mode), so one backward pass gives every image's gradient."""
     if multilabel:
-        return (logits * torch.where(logits.detach() > 0, 1.0, -1.0)).sum()
+        present = logits.detach() > 0 if targets is None else targets
+        return (logits * torch.where(present, 1.0, -1.0)).sum()
     if targets is None:
         targets = logits.argmax(1)
     return logits.gather(1, targets.view(-1, 1)).sum()
@@ -143,19 +145,14 @@ def integrated_saliency(
         baselines = (255 * model.mean).expand_as(pixels)
     difference = pixels - baselines.float()
     with torch.no_grad(), autocast(inputs.device, amp):
-        predicted = model(pixels)[0].float()
-    # the input's prediction all along the path (multi-label: the signs of its own predictions)
-    sign = (
-        torch.where(predicted > 0, 1.0, -1.0)
-        if multilabel
-        else F.one_hot(predicted.argmax(1), predicted.shape[1])
-    )
+        logits = model(pixels)[0].float()
+    predicted = logits > 0 if multilabel else logits.argmax(1)  # the input's, explained all along the path
     total = torch.zeros_like(pixels)
     for step in range(INTEGRATED_STEPS):
         point = (pixels - (1 - (step + 0.5) / INTEGRATED_STEPS) * difference).requires_grad_(True)
         with torch.enable_grad(), autocast(inputs.device, amp):
             logits = model(point)[0].float()
-            (grads,) = torch.autograd.grad((logits * sign).sum(), point)
+            (grads,) = torch.autograd.grad(explained_score(logits, predicted, multilabel), point)
         total += grads
     contribution = (total / INTEGRATED_STEPS * difference).sum(1)
     return box_filter(contribution, smoothing_side(smoothing, inputs)).clamp_min(0)
@@ -366,10 +363,7 @@ def saliency_mask(
     if extent == "decisive":
         check(partners is not None, "the decisive mask extent needs partner images")
         masks = decisive_masks(model, inputs, partners, cam, multilabel, amp, complete and complete_first)
-        if widen and strategy in (
-            "gradient",
-            "integrated",
-        ):  # the rim the box filter blurred below the threshold
+        if widen and strategy in BOX_FILTERED:  # the rim the box filter blurred below the threshold
             masks = grow_masks(masks, smoothing_side(smoothing, inputs) // 2)
         if complete and not complete_first:
             masks = complete_flat_regions(masks, inputs, cam)

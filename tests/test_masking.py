@@ -90,12 +90,16 @@ def test_integrated_saliency_is_the_logit_change_from_the_baseline_per_pixel():
     model = LinearModel(torch.randn(2, 3, 8, 8))
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     baselines = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    predicted = model(images)[0].argmax(1)
-    change = (model.weight[predicted].detach() * (model.normalize(images) - model.normalize(baselines))).sum(
-        1
-    )
+    weight = model.weight[model(images)[0].argmax(1)].detach()  # the predicted class's
+    change = (weight * (model.normalize(images) - model.normalize(baselines))).sum(1)
     maps = integrated_saliency(model, images, baselines, smoothing=0)
     assert (change < 0).any() and torch.allclose(maps, change.clamp_min(0), atol=1e-4)
+    # multi-label: every label's logit, signed by the image's own prediction, all along the path
+    signs = torch.where(model(images)[0] > 0, 1.0, -1.0).detach()
+    weight = torch.einsum("nk,kchw->nchw", signs, model.weight.detach())
+    change = (weight * (model.normalize(images) - model.normalize(baselines))).sum(1)
+    maps = integrated_saliency(model, images, baselines, smoothing=0, multilabel=True)
+    assert torch.allclose(maps, change.clamp_min(0), atol=1e-4)
     # without baselines it starts from the model's zero input: gradient x input
     assert torch.allclose(
         integrated_saliency(model, images, smoothing=0), gradient_saliency(model, images, 0)
