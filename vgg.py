@@ -71,7 +71,7 @@ amp = True  # bf16 autocast where native (CUDA, CPUs with AVX512-BF16/AMX), mask
 channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the model: compilation takes a while, pays off on long GPU runs
 # MaskTune: masks computed once, with the frozen best ERM model
-masking = "gradient"  # saliency: "gradient" (gradient x input), "integrated" (integrated gradients from
+masking = "integrated"  # saliency: "gradient" (gradient x input), "integrated" (integrated gradients from
 # the decisive test's partner image), "attention" (the model's attention map) or "xgradcam" (the paper's)
 mask_extent = "decisive"  # per image, the smallest top region the prediction follows (none: no mask);
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
@@ -81,14 +81,14 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 # flat marker's rim (not a colour over a quarter of the image). The 12x12 square's val conflicting 20 -> 52%
 mask_complete_first = True  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), not its blurred core: the 12x12 square's val worst group 20 -> 27%
-mask_class_share = 0.25  # decisive: masks only where a region decides at least this share of some class's
-# images (a shortcut, not a few objects: plain CIFAR-10 <= 8.3%), else none; 0: always. See masking.py
+mask_class_share = 0.5  # decisive: masks only where a region decides at least this share of some class's
+# images (a shortcut: the markers 56-99%; not a few objects: plain CIFAR-10 <= 23%), else none. masking.py
 mask_rounds = 1  # > 1: fine-tune on the masks, then add the masks of the fine-tuned model (what it learned
 # instead: a large marker's unmasked rim), this many rounds in all; see pipeline.Run.masks
 mask_round_reach = 0.0  # further rounds add only pixels this close to the masks so far (a fraction of the
 # image side: a large marker's rim, not the object elsewhere); 0: anywhere
 mask_quantile = 0.97  # fixed extent, gradient, attention: pixels above this per-image quantile of the map
-gradient_smoothing = 0.15  # gradient: box-filter side, as a fraction of the image side
+gradient_smoothing = 0.15  # gradient, integrated: box-filter side, as a fraction of the image side
 mask_std = 2.0  # fixed extent, xgradcam: pixels above mean + mask_std * std of the positive CAM
 mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a random other image (see
 # masking.py); "black" (the paper)

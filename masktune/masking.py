@@ -5,10 +5,11 @@ Saliency maps (``masking``):
              normalisation mean, its zero input), summed over the colour channels, box-filtered over
              ``smoothing`` of the image side, positive part: what the prediction depends on, so it finds a
              small marker that the model follows even where the true object draws more activation
-  integrated integrated gradients of the predicted class's logit, from the decisive test's partner image
-             (other extents: from the zero input) to the image, ``INTEGRATED_STEPS`` steps, smoothed as
-             gradient: the evidence along the whole way from another class's image, not only at the image,
-             where a marker's pull may have saturated (the 12x12 square: 91% of it hidden, against 74%)
+  integrated (the scripts' default) integrated gradients of the predicted class's logit, from the decisive
+             test's partner image (other extents: from the zero input) to the image, ``INTEGRATED_STEPS``
+             steps, smoothed as gradient: the evidence along the whole way from another class's image, not
+             only at the image, where a marker's pull may have saturated (the 12x12 square: 91% of it
+             hidden, against 77%; biased MNIST: the square, not the digit beside it)
   attention  the report's: channel mean of the model's attention map (its last conv block), upsampled to
              the input size, min-max normalised per image. Where the model looks.
   xgradcam   the paper's: XGradCAM of the predicted class on the last conv block, upsampled.
@@ -36,11 +37,12 @@ How much of a map is masked (``mask_extent``):
              rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
              (``PackedMasks.near``), so that a digit or an object elsewhere is not masked too.
   shared     (``mask_class_share``; ``pipeline.Run.masks_of``) the masks are kept only where a region
-             decides the prediction on at least that share of some class's training images: a shortcut is
-             shared by many of a class's images, while a region that decides a few images of every class
-             is their object (plain CIFAR-10: at most 8.3% of a class's images; the 4x4 square: 58-79%).
-             Hiding a few objects only teaches what surrounds them; without the masks the fine-tune is the
-             no-mask control's.
+             decides the prediction on at least that share of some class's training images (the scripts:
+             half): a shortcut is shared by most of a class's images, while a region that decides a few
+             images of every class is their object (plain CIFAR-10: at most 23% of a class's images with
+             integrated maps; the squares and biased MNIST: 56-99%). Hiding a few objects, or a sliver of a
+             frame, only teaches what surrounds them; without the masks the fine-tune is the no-mask
+             control's.
   fixed      the map's own threshold: above the per-image ``quantile`` (gradient, attention), above mean +
              ``num_std`` std of the positive CAM (xgradcam: the paper's).
 A mask is a bool tensor (N, H, W), True where a pixel is hidden, or a training set's ``PackedMasks`` (eight

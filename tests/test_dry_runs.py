@@ -34,7 +34,7 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     for name in ("metrics.json", "selective.json", "why.png", "risk_coverage.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 0, name
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
-    method = "gradient, decisive, completed first, shared 0.25, 2 rounds, shuffle_union"
+    method = "integrated, decisive, completed first, shared 0.5, 2 rounds, shuffle_union"
     assert "| ERM |" in table and f"| MaskTune, {method} |" in table
     assert f"| MaskTune, round 1 ({method}) |" in table  # mask_rounds=1's
     assert "worst group - ERM's >= 30" in table and "AURC x 100" in table
