@@ -46,6 +46,8 @@ def method(config: dict) -> str:
         and config["finetune_min_steps"] == 0
     ):
         return "as published"
+    if config["masking"] == "planted":
+        return f"the planted marker as the mask, {config['mask_fill']}"
     extent = config.get("mask_extent", "fixed")
     size = (
         f", quantile {config['mask_quantile']}"

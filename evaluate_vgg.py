@@ -28,7 +28,7 @@ from masktune.metrics import group_accuracy, per_class_accuracy, write_predictio
 from masktune.plots import save_grouped_bars
 from masktune.recipes import configure
 from masktune.seeds import stream
-from masktune.shortcuts import shortcut_evaluation
+from masktune.shortcuts import planted_pixels, shortcut_evaluation
 from models import VGGWithAttention
 
 checkpoint_dir = "checkpoints"  # where vgg.py wrote vgg_initial.pt, vgg_finetuned.pt, ...
@@ -55,16 +55,19 @@ if run["shortcut"]:
     planted, test_sets, logits = shortcut_evaluation(logits_of, test_set, val_set, run)
 else:
     planted, test_sets, logits = {}, {"clean": test_set}, {"clean": logits_of(test_set.images)}
-masks = compute_masks(
-    models["initial"],
-    test_set.images,
-    run["masking"],
-    batch_size=eval_batch_size,
-    labels=labels,
-    generator=stream(run["seed"], "mask_partners"),
-    amp=run.get("amp", False),
-    **mask_settings(run),
-)
+if run["masking"] == "planted":  # the test images carry no planted marker: nothing to mask
+    masks = planted_pixels(test_set)
+else:
+    masks = compute_masks(
+        models["initial"],
+        test_set.images,
+        run["masking"],
+        batch_size=eval_batch_size,
+        labels=labels,
+        generator=stream(run["seed"], "mask_partners"),
+        amp=run.get("amp", False),
+        **mask_settings(run),
+    )
 masked_logits = logits_of(fill_masks(test_set.images, masks, "black"))
 val_logits = logits_of(val_set.images)  # the validation split as the run saw it (shortcut included)
 results = {}

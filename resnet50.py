@@ -95,7 +95,7 @@ channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the models: compilation takes a while, pays off on long runs
 # MaskTune
 masking = "integrated"  # "integrated", "gradient", "attention", "xgradcam" (input masks, masking.py),
-# "feature" (the report's learned feature mask)
+# "feature" (the report's learned feature mask), "planted" (a planted shortcut's pixels: an upper bound)
 mask_extent = "decisive"  # per image, the smallest top region the prediction follows (none: no mask);
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
@@ -124,7 +124,7 @@ controls = True  # also the no-mask (and, for input masks, the random-mask) fine
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
 
 config = configure(globals())
-check_training_settings(config, (*STRATEGIES, "feature"))
+check_training_settings(config, (*STRATEGIES, "feature", "planted"))
 check(finetune_epochs > 0, "finetune_epochs must be positive")
 check_choice("dataset", dataset, ("auto", "celeba", "waterbirds", "folder"))
 check(image_size >= 32, "image_size must be at least 32")

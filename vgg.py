@@ -72,7 +72,8 @@ channels_last = True  # NHWC memory format for the convolutions
 compile_model = False  # torch.compile the model: compilation takes a while, pays off on long GPU runs
 # MaskTune: masks computed once, with the frozen best ERM model
 masking = "integrated"  # saliency: "gradient" (gradient x input), "integrated" (integrated gradients from
-# the decisive test's partner image), "attention" (the model's attention map) or "xgradcam" (the paper's)
+# the decisive test's partner image), "attention" (the model's attention map), "xgradcam" (the paper's),
+# or "planted": a planted shortcut's own pixels, what perfect masks would do (an upper bound)
 mask_extent = "decisive"  # per image, the smallest top region the prediction follows (none: no mask);
 # "fixed": mask_quantile (gradient, attention) or mask_std (xgradcam); see masking.py
 mask_widen = False  # decisive, gradient: grow each mask by half the smoothing side. Hides a 12x12 marker's
@@ -102,7 +103,7 @@ erm_dir = ""  # a folder where vgg.py trained ERM on the same data: reuse it ins
 resume = False  # continue an interrupted run (same settings) from its last finished epoch
 
 config = configure(globals())
-check_training_settings(config, STRATEGIES)
+check_training_settings(config, (*STRATEGIES, "planted"))
 check(warmup_epochs >= 0, "warmup_epochs must be >= 0")
 check_choice("dataset", dataset, DATASETS[:5])  # CelebA's attributes are resnet50.py's
 device_, generator, memory = start_run(config)  # folders, device (torchrun: this process's), seeds, memory

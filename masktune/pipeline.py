@@ -39,12 +39,13 @@ from masktune.masking import (
     compute_masks,
     mask_settings,
     masked_images,
+    other_class_partners,
     random_masks_like,
     saliency_map,
 )
 from masktune.plots import save_image_grid
 from masktune.seeds import stream
-from masktune.shortcuts import evaluation_sets
+from masktune.shortcuts import evaluation_sets, planted_pixels
 
 
 def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
@@ -64,6 +65,7 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
         "momentum must be in [0, 1), weight_decay >= 0",
     )
     check_choice("masking", config["masking"], strategies)
+    check(config["masking"] != "planted" or config["shortcut"], "masking='planted' needs a planted shortcut")
     check(0 <= config["mask_class_share"] < 1, "mask_class_share must be in [0, 1)")
     check(config["mask_rounds"] >= 1, "mask_rounds must be at least 1")
     check(0 <= config["mask_round_reach"] <= 1, "mask_round_reach must be in [0, 1]")
@@ -187,19 +189,22 @@ class Run:
         """The training set's masks from the frozen ``model``, with the run's masking settings; none where
         the decisive masks cover less than ``mask_class_share`` of every class's images (see masking.py)."""
         c = self.config
-        masks = compute_masks(
-            model,
-            self.train_images,
-            c["masking"],
-            batch_size=c["eval_batch_size"],
-            labels=self.train_labels,
-            generator=stream(c["seed"], "mask_partners"),
-            multilabel=self.train_labels.is_floating_point(),
-            amp=c["amp"],
-            packed=True,
-            desc=desc,
-            **mask_settings(c),
-        )
+        if c["masking"] == "planted":  # what perfect masks would do: the upper bound of any saliency map
+            masks = PackedMasks.pack(planted_pixels(self.train_set).to(self.train_images.device))
+        else:
+            masks = compute_masks(
+                model,
+                self.train_images,
+                c["masking"],
+                batch_size=c["eval_batch_size"],
+                labels=self.train_labels,
+                generator=stream(c["seed"], "mask_partners"),
+                multilabel=self.train_labels.is_floating_point(),
+                amp=c["amp"],
+                packed=True,
+                desc=desc,
+                **mask_settings(c),
+            )
         self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
         if self.masks_dropped():
             return PackedMasks.empty(*masks.shape, masks.device)  # no shortcut: the no-mask fine-tune
@@ -331,12 +336,23 @@ class WhyFigure:
         )
         self.shown_index = torch.randperm(len(self.shown), generator=stream(c["seed"], "erm"))[:8]
         self.shown_images = self.shown.images[self.shown_index].to(run.device)
-        self.erm_heatmaps = self.heatmaps(erm_model, run.train_images[self.examples])
+        # decisive integrated maps start from the partner each mask was tested against (the same draw as
+        # masks_of); the test images have none, so theirs start from the zero input
+        erm_baselines = None
+        if c["mask_extent"] == "decisive":
+            partners = other_class_partners(run.train_labels, stream(c["seed"], "mask_partners"))
+            erm_baselines = run.train_images[partners[self.examples].to(run.train_images.device)]
+        self.erm_heatmaps = self.heatmaps(erm_model, run.train_images[self.examples], erm_baselines)
         self.erm_shown_heatmaps = self.heatmaps(erm_model, self.shown_images)
 
-    def heatmaps(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.run.device)
-        return saliency_map(model, images, self.run.config["masking"], **self.settings)
+    def heatmaps(
+        self, model: nn.Module, images: torch.Tensor, baselines: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        device = self.run.device
+        baselines = None if baselines is None else baselines.to(device)
+        strategy = self.run.config["masking"]
+        strategy = "gradient" if strategy == "planted" else strategy  # where the model looks, at least
+        return saliency_map(model, images.to(device), strategy, baselines=baselines, **self.settings)
 
     def save(self, path: str, tuned_model: nn.Module, seen: MaskedImages) -> None:
         run, examples = self.run, self.examples

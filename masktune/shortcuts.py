@@ -217,10 +217,17 @@ def plant(images: ImageSet, config: dict, generator: torch.Generator) -> ImageSe
     )
 
 
+def planted_pixels(images: ImageSet) -> torch.Tensor:
+    """bool (N, H, W): the pixels the stamp changed; none on a set without a planted shortcut."""
+    if images.unmarked is None:
+        return torch.zeros(len(images.images), *images.images.shape[-2:], dtype=torch.bool)
+    return (images.images != images.unmarked).any(1)
+
+
 def marker_coverage(masks: torch.Tensor, images: ImageSet) -> dict:
     """How much of the planted marker ``masks`` (N, H, W) hide on the images of a planted set that carry one:
     the mean share of the marker's pixels masked, and the share of images with at least half of it masked."""
-    marker = (images.images != images.unmarked).any(1).to(masks.device)  # the pixels the stamp changed
+    marker = planted_pixels(images).to(masks.device)
     carries = marker.flatten(1).any(1)
     hidden = (masks.bool() & marker).flatten(1).sum(1)[carries] / marker.flatten(1).sum(1)[carries]
     return {"mean": hidden.mean().item(), "at_least_half": (hidden >= 0.5).float().mean().item()}

@@ -9,6 +9,7 @@ import torch
 
 from conftest import run_here, write_image_folder
 from masktune.checkpoint import load_checkpoint
+from masktune.console import UserError
 
 SMALL = ["--dry_run=True", "--batch_size=64", "--eval_batch_size=256"]
 
@@ -109,3 +110,15 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
     assert "under mask_class_share=0.99: no masks" in out
     tuned, plain = (load_checkpoint(tmp_path / "ckpt" / f"vgg_{n}.pt") for n in ("finetuned", "nomask"))
     assert all(torch.equal(tuned["model"][k], plain["model"][k]) for k in tuned["model"])
+
+
+def test_planted_masks_hide_the_whole_marker_and_need_one(tmp_path, cifar_dir):
+    """``masking=planted`` masks the planted marker's own pixels (an upper bound for any saliency map)."""
+    args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
+    out = run_here("vgg.py", *args, *SMALL, "--masking=planted", "--shortcut=frame", "--controls=False")
+    assert "masks hide 100.0% of the planted marker on average" in out
+    run_here("evaluate_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out")
+    table = run_here("collect_results.py", f"{tmp_path}/out")
+    assert "| MaskTune, the planted marker as the mask, shuffle_union |" in table
+    with pytest.raises(UserError, match="masking='planted' needs a planted shortcut"):
+        run_here("vgg.py", *args, *SMALL, "--masking=planted")
