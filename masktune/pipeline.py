@@ -220,10 +220,10 @@ class Run:
         rates = self.class_mask_rates
         most = rates.index(max(rates))  # multi-label: the index of a distinct set of labels
         name = f"set {most}" if self.train_labels.is_floating_point() else self.train_set.classes[most]
-        line = (
-            f"a region decides the prediction on {100 * min(rates):.1f}-{100 * max(rates):.1f}% of a class's "
-            f"training images (most: {name})"
-        )
+        planted = self.config["masking"] == "planted"
+        what = "the planted marker is" if planted else "a region decides the prediction"
+        share = f"{100 * min(rates):.1f}-{100 * max(rates):.1f}%"
+        line = f"{what} on {share} of a class's training images (most: {name})"
         if self.masks_dropped():
             share = self.config["mask_class_share"]
             line += f", under mask_class_share={share}: no masks (the no-mask fine-tune)"

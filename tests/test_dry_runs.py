@@ -117,6 +117,7 @@ def test_planted_masks_hide_the_whole_marker_and_need_one(tmp_path, cifar_dir):
     args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
     out = run_here("vgg.py", *args, *SMALL, "--masking=planted", "--shortcut=frame", "--controls=False")
     assert "masks hide 100.0% of the planted marker on average" in out
+    assert "the planted marker is on 100.0-100.0% of a class" in out
     run_here("evaluate_vgg.py", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out")
     table = run_here("collect_results.py", f"{tmp_path}/out")
     assert "| MaskTune, the planted marker as the mask, shuffle_union |" in table
