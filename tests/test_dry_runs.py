@@ -104,7 +104,7 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
     """With ``mask_class_share`` above every class's share of masked images the masks are dropped: MaskTune's
     fine-tune is the no-mask control's, weight for weight."""
     args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
-    out = run_here("vgg.py", *args, *SMALL, "--mask_class_share=0.99")
+    out = run_here("vgg.py", *args, *SMALL, "--mask_class_share=0.99", "--masking=gradient")
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert max(summary["class_mask_rates"]) < 0.99 and summary["masked_fraction"] == 0
     assert "under mask_class_share=0.99: no masks" in out
@@ -112,6 +112,7 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
     assert all(torch.equal(tuned["model"][k], plain["model"][k]) for k in tuned["model"])
 
 
+@pytest.mark.slow
 def test_planted_masks_hide_the_whole_marker_and_need_one(tmp_path, cifar_dir):
     """``masking=planted`` masks the planted marker's own pixels (an upper bound for any saliency map)."""
     args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
