@@ -15,10 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from masktune.checkpoint import ensure_writable_dir, load_checkpoint, load_optimizer, load_weights
+from masktune.checkpoint import (
+    atomic_save,
+    ensure_writable_dir,
+    load_checkpoint,
+    load_optimizer,
+    load_weights,
+)
 from masktune.console import check, check_choice
 from masktune.device import PeakMemory, fits_on_device, pick_device, seed_everything
-from masktune.distributed import init_distributed, is_main
+from masktune.distributed import barrier, init_distributed, is_main
 from masktune.engine import (
     FINETUNE_SCHEDULES,
     Stage,
@@ -113,6 +119,7 @@ class Run:
         )
         self.erm_epochs = c["num_epochs"]
         self.class_mask_rates = []  # per class, the share of its images the last masks_of call masked
+        self.fine_tuned = {}  # (start weights, masks) -> the finished fine-tune Stage that trained on them
         if c.get("dry_run"):  # one epoch of each stage: checks the set-up in seconds
             self.erm_epochs, self.finetune_epochs = 1, min(self.finetune_epochs, 1)
 
@@ -263,15 +270,39 @@ class Run:
             **({} if masks is None else {"masked_fraction": masks.fraction()}),
             **(extra or {}),
         }
-        return self.train(
+        stage = self.stage(f"fine-tune {name}", name, extra=facts)
+        # the same start, masks, pairing and batches train the same model: where the masks were dropped
+        # the controls are MaskTune's fine-tune, so its checkpoint is copied instead of trained again
+        same = (facts["start_weights_sha1"], "images" if masks is None else masks_sha1(masks))
+        twin = self.fine_tuned.get(same)
+        if twin is not None:
+            return self.copy_fine_tune(model, optimizer, twin, stage)
+        history = self.train(
             model,
             optimizer,
-            self.stage(f"fine-tune {name}", name, extra=facts),
+            stage,
             epochs=self.finetune_epochs,
             lr_at=finetune_lr(c["finetune_learning_rate"], self.finetune_epochs, c["finetune_schedule"]),
             generator=stream(c["seed"], "finetune_order"),  # the same batches for every variant
             images=images,
         )
+        self.fine_tuned[same] = stage
+        return history
+
+    def copy_fine_tune(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, twin: Stage, stage: Stage
+    ) -> list[dict]:
+        """``twin``'s finished fine-tune as ``stage``'s: its checkpoint under ``stage``'s name and facts, its
+        weights and optimizer state in ``model`` and ``optimizer``; returns its history."""
+        state = load_checkpoint(twin.path)
+        load_weights(model, state, twin.path)
+        optimizer.load_state_dict(state["optimizer"])
+        state["metrics"] = {**state["metrics"], **stage.extra}
+        if is_main():
+            atomic_save({**state, "stage": stage.name, "config": dict(stage.config)}, stage.path)
+        barrier()
+        print(f"{stage.name}: the same training as {twin.name} (the same masks), its checkpoint copied")
+        return state["metrics"]["history"]
 
 
 def masks_sha1(masks: PackedMasks) -> str:

@@ -102,14 +102,21 @@ def test_resume_keeps_a_finished_mask_round(tmp_path, cifar_dir):
 
 def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path, cifar_dir):
     """With ``mask_class_share`` above every class's share of masked images the masks are dropped: MaskTune's
-    fine-tune is the no-mask control's, weight for weight."""
+    fine-tune is the no-mask control's, weight for weight, and the controls are copied, not trained again."""
     args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]
     out = run_here("vgg.py", *args, *SMALL, "--mask_class_share=0.99", "--masking=gradient")
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert max(summary["class_mask_rates"]) < 0.99 and summary["masked_fraction"] == 0
     assert "under mask_class_share=0.99: no masks" in out
-    tuned, plain = (load_checkpoint(tmp_path / "ckpt" / f"vgg_{n}.pt") for n in ("finetuned", "nomask"))
+    assert "fine-tune nomask epoch" not in out and "fine-tune randommask epoch" not in out
+    assert "fine-tune randommask: the same training as fine-tune finetuned" in out
+    tuned, plain = (load_checkpoint(tmp_path / "ckpt" / f"vgg_{n}.pt") for n in ("finetuned", "randommask"))
     assert all(torch.equal(tuned["model"][k], plain["model"][k]) for k in tuned["model"])
+    assert (
+        plain["stage"] == "fine-tune randommask"
+        and plain["metrics"]["history"] == tuned["metrics"]["history"]
+    )
+    run_here("evaluate_vgg.py", *args)  # the copies load as the controls' checkpoints
 
 
 @pytest.mark.slow
