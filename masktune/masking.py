@@ -267,6 +267,33 @@ def prediction_kept(
     return logits.softmax(1).gather(1, predicted[:, None])[:, 0]
 
 
+def region_decides(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    partners: torch.Tensor,
+    region: torch.Tensor,
+    predicted: torch.Tensor,
+    multilabel: bool = False,
+    amp: bool = False,
+) -> torch.Tensor:
+    """bool (B,): whether each image's prediction follows its ``region`` (B, H, W) against its partner: kept
+    alone (the rest from the partner), the ``predicted`` class keeps ``DECISIVE_MARGIN`` more probability
+    than with the region replaced by the partner's pixels. The second test runs only where it can pass."""
+    region = region[:, None]
+    kept = prediction_kept(model, torch.where(region, inputs, partners), predicted, multilabel, amp)
+    decides = torch.zeros_like(kept, dtype=torch.bool)
+    candidates = (kept >= DECISIVE_MARGIN).nonzero().flatten()  # replaced >= 0: the others cannot pass
+    replaced = prediction_kept(
+        model,
+        torch.where(region[candidates], partners[candidates], inputs[candidates]),
+        predicted[candidates],
+        multilabel,
+        amp,
+    )
+    decides[candidates] = kept[candidates] - replaced >= DECISIVE_MARGIN
+    return decides
+
+
 def decisive_masks(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -287,23 +314,14 @@ def decisive_masks(
     masks = torch.zeros_like(cam, dtype=torch.bool)
     open_ = torch.arange(len(cam), device=cam.device)  # the images still without a mask
     for area in DECISIVE_AREAS:
-        x, partner, target = inputs[open_], partners[open_], predicted[open_]
+        x = inputs[open_]
         region = top_region(cam[open_], area)
         if complete:
             region = complete_flat_regions(region, x, cam[open_])
-        region = region[:, None]
-        kept = prediction_kept(model, torch.where(region, x, partner), target, multilabel, amp)
-        candidates = (kept >= DECISIVE_MARGIN).nonzero().flatten()  # replaced >= 0: the others cannot pass
-        replaced = prediction_kept(
-            model,
-            torch.where(region[candidates], partner[candidates], x[candidates]),
-            target[candidates],
-            multilabel,
-            amp,
-        )
-        passed = candidates[kept[candidates] - replaced >= DECISIVE_MARGIN]
+        passed = region_decides(model, x, partners[open_], region, predicted[open_], multilabel, amp)
+        passed = passed.nonzero().flatten()
         if len(passed):  # at its own area: twice it cost the 4x4 square and MNIST 4-10 points (validation)
-            masks[open_[passed]] = region[passed, 0]
+            masks[open_[passed]] = region[passed]
         still_open = torch.ones(len(open_), dtype=torch.bool, device=cam.device)
         still_open[passed] = False
         open_ = open_[still_open]
@@ -318,6 +336,66 @@ def class_mask_rates(masks: "torch.Tensor | PackedMasks", labels: torch.Tensor) 
     bits = masks.bits if isinstance(masks, PackedMasks) else masks
     _, group = torch.unique(labels.to(bits.device), dim=0, return_inverse=True)
     return torch.bincount(group, weights=bits.flatten(1).any(1).float()) / torch.bincount(group)
+
+
+def class_consensus(
+    masks: "PackedMasks", labels: torch.Tensor, share: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class (multi-label: per distinct set of labels), the pixels hidden on at least ``share`` of its
+    masked images: bool (classes, H, W), none for a class without masks; and each image's class index
+    (N,)."""
+    _, group = torch.unique(labels.to(masks.device), dim=0, return_inverse=True)
+    classes = int(group.max()) + 1 if len(group) else 0
+    hidden = torch.zeros(classes, *masks.shape[1:], device=masks.device)
+    masked = torch.zeros(classes, device=masks.device)
+    for i in range(0, len(masks), CHUNK_ROWS):
+        rows, g = masks[i : i + CHUNK_ROWS], group[i : i + CHUNK_ROWS]
+        some = rows.flatten(1).any(1)
+        hidden.index_add_(0, g[some], rows[some].float())
+        masked += torch.bincount(g[some], minlength=classes)
+    consensus = (hidden >= share * masked[:, None, None]) & (masked[:, None, None] > 0)
+    return consensus, group
+
+
+def add_consensus(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: "PackedMasks",
+    labels: torch.Tensor,
+    partners: torch.Tensor,
+    share: float,
+    *,
+    batch_size: int,
+    multilabel: bool = False,
+    amp: bool = False,
+    desc: str = "consensus",
+) -> "PackedMasks":
+    """``masks`` with each image's class consensus (``class_consensus`` at ``share``) added where that
+    region decides the image's prediction against its partner (``region_decides``; ``partners``: indices
+    into ``images``). A shortcut that sits still but is larger than any top region (a frame) is hidden a
+    part at a time on a few images; where those parts agree, the consensus is the whole of it, tested on
+    every image."""
+    regions, group = class_consensus(masks, labels, share)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    mine = my_range(len(images))
+    bits = masks.bits[mine.start : mine.stop].clone()
+    try:
+        for index in progress(in_order(len(mine), batch_size), desc=desc):
+            rows = index + mine.start
+            x = images[rows.to(images.device)].to(device, non_blocking=True)
+            partner = images[partners[rows].to(images.device)].to(device)
+            region = regions[group[rows.to(group.device)]].to(device)
+            with torch.no_grad(), autocast(device, amp):
+                logits = model(x)[0].float()
+            predicted = logits > 0 if multilabel else logits.argmax(1)
+            decides = region_decides(model, x, partner, region, predicted, multilabel, amp)
+            joined = masks[rows.to(masks.device)].to(device) | (region & decides[:, None, None])
+            bits[index.to(bits.device)] = PackedMasks.pack(joined).bits.to(bits.device)
+    finally:
+        model.train(was_training)
+    return PackedMasks(gather_rows(bits, len(images)), masks.width)
 
 
 def complete_flat_regions(masks: torch.Tensor, inputs: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from masktune.masking import (
     FILLS,
     MaskedImages,
     PackedMasks,
+    add_consensus,
     class_mask_rates,
     compute_masks,
     mask_settings,
@@ -73,6 +74,7 @@ def check_training_settings(config: dict, strategies: tuple[str, ...]) -> dict:
     check_choice("masking", config["masking"], strategies)
     check(config["masking"] != "planted" or config["shortcut"], "masking='planted' needs a planted shortcut")
     check(0 <= config["mask_class_share"] < 1, "mask_class_share must be in [0, 1)")
+    check(0 <= config["mask_consensus"] <= 1, "mask_consensus must be in [0, 1] (0: off)")
     check(config["mask_rounds"] >= 1, "mask_rounds must be at least 1")
     check(0 <= config["mask_round_reach"] <= 1, "mask_round_reach must be in [0, 1]")
     check_choice("mask_fill", config["mask_fill"], FILLS)
@@ -212,6 +214,19 @@ class Run:
                 desc=desc,
                 **mask_settings(c),
             )
+            if c.get("mask_consensus", 0) > 0 and c["mask_extent"] == "decisive":
+                masks = add_consensus(
+                    model,
+                    self.train_images,
+                    masks,
+                    self.train_labels,
+                    other_class_partners(self.train_labels, stream(c["seed"], "mask_partners")),
+                    float(c["mask_consensus"]),
+                    batch_size=c["eval_batch_size"],
+                    multilabel=self.train_labels.is_floating_point(),
+                    amp=c["amp"],
+                    desc=f"{desc}, class consensus",
+                )
         self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
         if self.masks_dropped():
             return PackedMasks.empty(*masks.shape, masks.device)  # no shortcut: the no-mask fine-tune

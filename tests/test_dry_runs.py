@@ -120,6 +120,25 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
 
 
 @pytest.mark.slow
+def test_the_class_consensus_only_adds_to_the_masks(tmp_path, cifar_dir):
+    """From the same ERM model, ``mask_consensus`` keeps every pixel of the decisive masks and may add to
+    them; the run records the share it used."""
+    args = [
+        f"--data_dir={cifar_dir}",
+        *SMALL,
+        "--masking=gradient",
+        "--mask_class_share=0",
+        "--controls=False",
+    ]
+    run_here("vgg.py", *args, f"--checkpoint_dir={tmp_path}/a", f"--out_dir={tmp_path}/a")
+    erm = [f"--erm_dir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/b", f"--out_dir={tmp_path}/b"]
+    run_here("vgg.py", *args, *erm, "--mask_consensus=0.3")
+    alone, joined = (json.load(open(tmp_path / r / "summary.json")) for r in ("a", "b"))
+    assert joined["config"]["mask_consensus"] == 0.3
+    assert joined["masked_fraction"] >= alone["masked_fraction"]
+
+
+@pytest.mark.slow
 def test_planted_masks_hide_the_whole_marker_and_need_one(tmp_path, cifar_dir):
     """``masking=planted`` masks the planted marker's own pixels (an upper bound for any saliency map)."""
     args = [f"--data_dir={cifar_dir}", f"--checkpoint_dir={tmp_path}/ckpt", f"--out_dir={tmp_path}/out"]

@@ -194,6 +194,35 @@ def test_completing_first_tests_the_region_the_mask_hides(monkeypatch):
     assert (found[True] == corner).all()
 
 
+def test_the_class_consensus_hides_a_still_shortcut_whole_where_it_decides():
+    """A model that reads only a frame (44% of the image, more than any top region). Half of class 0's
+    images have masks, each the frame less one of its sides: every frame pixel is hidden on at least half
+    of them, so the class's consensus is the frame, which decides every image's prediction and is added
+    to every class-0 mask. Class 1's masks agree on a central block the model does not read: its
+    consensus decides nothing and nothing is added."""
+    frame = ~F.pad(torch.ones(12, 12, dtype=torch.bool), (2, 2, 2, 2), value=False)
+    weight = torch.zeros(2, 3, 16, 16)
+    weight[0, :, frame], weight[1, :, frame] = 1.0, -1.0
+    images, labels = two_class_images(32, frame)
+    sides = [frame.clone() for _ in range(4)]
+    sides[0][:2], sides[1][-2:], sides[2][:, :2], sides[3][:, -2:] = False, False, False, False
+    block = torch.zeros(16, 16, dtype=torch.bool)
+    block[6:10, 6:10] = True
+    masks = torch.zeros(32, 16, 16, dtype=torch.bool)
+    zeros, ones = (labels == 0).nonzero().flatten(), (labels == 1).nonzero().flatten()
+    for i, image in enumerate(zeros[:8]):
+        masks[image] = sides[i % 4]
+    masks[ones[:4]] = block
+    consensus, _ = masking.class_consensus(PackedMasks.pack(masks), labels, 0.5)
+    assert torch.equal(consensus[0], frame) and torch.equal(consensus[1], block)
+    partners = other_class_partners(labels, torch.Generator().manual_seed(0))
+    joined = masking.add_consensus(
+        LinearModel(weight), images, PackedMasks.pack(masks), labels, partners, 0.5, batch_size=8
+    )[:]
+    assert (joined[zeros] == frame).all()
+    assert torch.equal(joined[ones], masks[ones])
+
+
 def test_completion_leaves_a_background_colour_and_an_empty_mask_alone():
     """A mask on a flat quarter of the image is completed; on a flat colour over half of it (a background),
     and where nothing is masked, nothing is added."""

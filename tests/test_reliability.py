@@ -273,6 +273,7 @@ def bad_inputs(tmp: str, cifar_dir: str) -> list:
             "mask_quantile must be between",
         ),
         ("resnet50.py", [*celeba, "--mask_quantile=0"], "mask_quantile must be between"),
+        ("vgg.py", [f"--data_dir={cifar_dir}", "--mask_consensus=1.5"], "mask_consensus must be in [0, 1]"),
         ("vgg.py", [f"--data_dir={cifar_dir}", "--masking=gradcam"], "unknown masking 'gradcam'"),
         ("resnet50.py", [*celeba, "--masking=gradcam"], "unknown masking 'gradcam'"),
         ("vgg.py", [f"--data_dir={cifar_dir}", "--device=cuda:3"], "device 'cuda:3'"),
@@ -286,7 +287,7 @@ def matrix(tmp_path_factory, cifar_dir):
     return bad_inputs(str(tmp_path_factory.mktemp("bad")), cifar_dir)
 
 
-@pytest.mark.parametrize("row", range(32))  # the 32 rows of bad_inputs()
+@pytest.mark.parametrize("row", range(33))  # the 33 rows of bad_inputs()
 def test_bad_input_matrix(row, matrix, reference_run, tmp_path):
     """Each row raises the UserError that the scripts print as one line (exit 1, see below), and the
     checkpoints already written stay byte for byte the same."""
@@ -317,4 +318,4 @@ def test_user_errors_print_one_line_and_exit_1(row, matrix, reference_run, tmp_p
 
 
 def test_matrix_has_every_row(matrix):
-    assert len(matrix) == 32
+    assert len(matrix) == 33
