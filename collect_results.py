@@ -58,8 +58,7 @@ def method(config: dict) -> str:
     grown += ", completed" if config.get("mask_complete") else ""
     grown += " first" if config.get("mask_complete") and config.get("mask_complete_first") else ""
     grown += f", shared {config['mask_class_share']}" if config.get("mask_class_share") else ""
-    consensus = config.get("mask_consensus", 0)
-    grown += f", consensus {0.5 if consensus is True else consensus}" if consensus else ""
+    grown += f", consensus {config['mask_consensus']}" if config.get("mask_consensus") else ""
     reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""
     rounds = f", {config['mask_rounds']} rounds{reach}" if config.get("mask_rounds", 1) > 1 else ""
     return f"{config['masking']}, {extent}{size}{grown}{rounds}, {config['mask_fill']}"

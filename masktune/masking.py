@@ -152,9 +152,7 @@ def integrated_saliency(
     if baselines is None:
         baselines = (255 * model.mean).expand_as(pixels)
     difference = pixels - baselines.float()
-    with torch.no_grad(), autocast(inputs.device, amp):
-        logits = model(pixels)[0].float()
-    predicted = logits > 0 if multilabel else logits.argmax(1)  # the input's, explained all along the path
+    predicted = predicted_labels(model, pixels, multilabel, amp)  # the input's, explained all along the path
     total = torch.zeros_like(pixels)
     for step in range(INTEGRATED_STEPS):
         point = (pixels - (1 - (step + 0.5) / INTEGRATED_STEPS) * difference).requires_grad_(True)
@@ -261,6 +259,13 @@ def top_region(cam: torch.Tensor, area: float) -> torch.Tensor:
     return (cam > quantile_threshold(cam, 1 - area)[:, None, None]) & (cam > 0)
 
 
+def predicted_labels(model: nn.Module, inputs: torch.Tensor, multilabel: bool, amp: bool) -> torch.Tensor:
+    """The model's predictions, without autograd: classes (B,), or multi-label 0/1 predictions (B, L) bool."""
+    with torch.no_grad(), autocast(inputs.device, amp):
+        logits = model(inputs)[0].float()
+    return logits > 0 if multilabel else logits.argmax(1)
+
+
 def prediction_kept(
     model: nn.Module, inputs: torch.Tensor, predicted: torch.Tensor, multilabel: bool, amp: bool
 ) -> torch.Tensor:
@@ -314,9 +319,7 @@ def decisive_masks(
     is tested only on the images still without a mask, and the region replaced
     only where the region kept alone holds enough probability to pass. With ``complete`` each region is
     completed (``complete_flat_regions``) before it is tested."""
-    with torch.no_grad(), autocast(inputs.device, amp):
-        logits = model(inputs)[0].float()
-    predicted = logits > 0 if multilabel else logits.argmax(1)
+    predicted = predicted_labels(model, inputs, multilabel, amp)
     masks = torch.zeros_like(cam, dtype=torch.bool)
     open_ = torch.arange(len(cam), device=cam.device)  # the images still without a mask
     for area in DECISIVE_AREAS:
@@ -336,11 +339,17 @@ def decisive_masks(
     return masks
 
 
+def class_index(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Each image's class as an index (N,) on ``device``, in the order of ``torch.unique(labels)``
+    (multi-label: each distinct set of labels is a class)."""
+    return torch.unique(labels.to(device), dim=0, return_inverse=True)[1]
+
+
 def class_mask_rates(masks: "torch.Tensor | PackedMasks", labels: torch.Tensor) -> torch.Tensor:
     """Per class, the share of its images with a mask: (classes,), in the order of ``torch.unique(labels)``
     (multi-label: each distinct set of labels is a class)."""
     bits = masks.bits if isinstance(masks, PackedMasks) else masks
-    _, group = torch.unique(labels.to(bits.device), dim=0, return_inverse=True)
+    group = class_index(labels, bits.device)
     return torch.bincount(group, weights=bits.flatten(1).any(1).float()) / torch.bincount(group)
 
 
@@ -350,7 +359,7 @@ def class_consensus(
     """Per class (multi-label: per distinct set of labels), the pixels hidden on at least ``share`` of its
     masked images: bool (classes, H, W), none for a class without masks; and each image's class index
     (N,)."""
-    _, group = torch.unique(labels.to(masks.device), dim=0, return_inverse=True)
+    group = class_index(labels, masks.device)
     classes = int(group.max()) + 1 if len(group) else 0
     hidden = torch.zeros(classes, *masks.shape[1:], device=masks.device)
     masked = torch.zeros(classes, device=masks.device)
@@ -393,9 +402,7 @@ def add_consensus(
             x = images[rows.to(images.device)].to(device, non_blocking=True)
             partner = images[partners[rows].to(images.device)].to(device)
             region = regions[group[rows.to(group.device)]].to(device)
-            with torch.no_grad(), autocast(device, amp):
-                logits = model(x)[0].float()
-            predicted = logits > 0 if multilabel else logits.argmax(1)
+            predicted = predicted_labels(model, x, multilabel, amp)
             decides = region_decides(model, x, partner, region, predicted, multilabel, amp)
             joined = masks[rows.to(masks.device)].to(device) | (region & decides[:, None, None])
             bits[index.to(bits.device)] = PackedMasks.pack(joined).bits.to(bits.device)

@@ -214,14 +214,14 @@ class Run:
                 desc=desc,
                 **mask_settings(c),
             )
-            if c.get("mask_consensus", 0) > 0 and c["mask_extent"] == "decisive":
+            if c["mask_consensus"] > 0 and c["mask_extent"] == "decisive":
                 masks = add_consensus(
                     model,
                     self.train_images,
                     masks,
                     self.train_labels,
                     other_class_partners(self.train_labels, stream(c["seed"], "mask_partners")),
-                    float(c["mask_consensus"]),
+                    c["mask_consensus"],
                     batch_size=c["eval_batch_size"],
                     multilabel=self.train_labels.is_floating_point(),
                     amp=c["amp"],
