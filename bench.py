@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from masktune.batches import draw_epoch, flip_crop
 from masktune.device import PeakMemory, autocast, native_bf16, pick_device, prepare_model, seed_everything
 from masktune.engine import TrainingSet, predict, train_epoch
-from masktune.masking import STRATEGIES, compute_masks, masked_images
+from masktune.masking import STRATEGIES, compute_masks, masked_images, other_class_partners
 from masktune.recipes import configure
 from models import ResNet50, VGGWithAttention
 
@@ -188,7 +188,7 @@ for strategy in STRATEGIES:
         else None
     )
     record(f"(b) VGG masking, {strategy}", mask_rate, baseline, "pytorch-grad-cam")
-decisive = dict(extent="decisive", labels=labels_d, amp=amp)
+decisive = dict(extent="decisive", partners=other_class_partners(labels, generator), amp=amp)
 for strategy in ("gradient", "integrated"):
     record(
         f"(b) VGG masking, {strategy}, decisive extent",

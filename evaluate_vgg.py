@@ -23,7 +23,7 @@ from masktune.checkpoint import RUN_MODELS, load_run_as_trained
 from masktune.console import check
 from masktune.datasets import experiment_data
 from masktune.engine import predict_all
-from masktune.masking import compute_masks, fill_masks, mask_settings
+from masktune.masking import compute_masks, fill_masks, mask_settings, other_class_partners
 from masktune.metrics import group_accuracy, per_class_accuracy, write_predictions
 from masktune.plots import save_grouped_bars
 from masktune.recipes import configure
@@ -63,8 +63,7 @@ else:
         test_set.images,
         run["masking"],
         batch_size=eval_batch_size,
-        labels=labels,
-        generator=stream(run["seed"], "mask_partners"),
+        partners=other_class_partners(labels, stream(run["seed"], "mask_partners")),
         amp=run.get("amp", False),
         **mask_settings(run),
     )

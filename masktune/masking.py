@@ -58,6 +58,7 @@ pixels to a byte); ``random_masks_like`` moves each mask to a random place (the 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -391,24 +392,14 @@ def add_consensus(
     part at a time on a few images; where those parts agree, the consensus is the whole of it, tested on
     every image."""
     regions, group = class_consensus(masks, labels, share)
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    mine = my_range(len(images))
-    bits = masks.bits[mine.start : mine.stop].clone()
-    try:
-        for index in progress(in_order(len(mine), batch_size), desc=desc):
-            rows = index + mine.start
-            x = images[rows.to(images.device)].to(device, non_blocking=True)
-            partner = images[partners[rows].to(images.device)].to(device)
-            region = regions[group[rows.to(group.device)]].to(device)
-            predicted = predicted_labels(model, x, multilabel, amp)
-            decides = region_decides(model, x, partner, region, predicted, multilabel, amp)
-            joined = masks[rows.to(masks.device)].to(device) | (region & decides[:, None, None])
-            bits[index.to(bits.device)] = PackedMasks.pack(joined).bits.to(bits.device)
-    finally:
-        model.train(was_training)
-    return PackedMasks(gather_rows(bits, len(images)), masks.width)
+
+    def joined(rows: torch.Tensor, inputs: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
+        region = regions[group[rows.to(group.device)]].to(inputs.device)
+        predicted = predicted_labels(model, inputs, multilabel, amp)
+        decides = region_decides(model, inputs, paired, region, predicted, multilabel, amp)
+        return masks[rows.to(masks.device)].to(inputs.device) | (region & decides[:, None, None])
+
+    return masks_by_batch(model, images, joined, batch_size=batch_size, partners=partners, desc=desc)
 
 
 def complete_flat_regions(masks: torch.Tensor, inputs: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
@@ -546,29 +537,23 @@ def other_class_partners(labels: torch.Tensor, generator: torch.Generator) -> to
     return partners
 
 
-def compute_masks(
+def masks_by_batch(
     model: nn.Module,
     images: torch.Tensor,
-    strategy: str,
+    mask_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
     *,
     batch_size: int,
-    labels: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    partners: torch.Tensor | None = None,
     desc: str = "masking",
-    packed: bool = False,
-    **settings,
+    packed: bool = True,
 ) -> torch.Tensor | PackedMasks:
-    """Masks for a whole uint8 image tensor from a frozen model: bool (N, H, W) on the images' device, or
-    with ``packed`` a ``PackedMasks`` (an eighth of the memory); ``settings`` as for ``saliency_mask``. The
-    decisive extent tests each image against a partner of another of ``labels``, drawn with ``generator``.
-    Under torchrun each process masks a contiguous share and every process gets all the masks."""
+    """``mask_batch(rows, inputs, paired)`` over a whole uint8 image tensor, a batch at a time, with
+    ``model`` frozen: bool (N, H, W) masks on the images' device, or with ``packed`` a ``PackedMasks`` (an
+    eighth of the memory). ``rows`` index ``images``; ``paired`` are the ``partners`` of ``inputs`` (None
+    without). Under torchrun each process masks a contiguous share and every process gets all the masks."""
     was_training = model.training
     model.eval()  # frozen: no weight changes, no dropout; gradients are taken w.r.t. activations only
     device = model_device(model)
-    partners = None
-    if settings.get("extent") == "decisive":
-        check(labels is not None, "the decisive mask extent needs the images' labels")
-        partners = other_class_partners(labels, generator or torch.Generator().manual_seed(0))
     mine = my_range(len(images))
     height, width = images.shape[-2:]
     if packed:
@@ -580,13 +565,39 @@ def compute_masks(
             rows = (index + mine.start).to(images.device)
             inputs = images[rows].to(device, non_blocking=True)
             paired = None if partners is None else images[partners[rows.cpu()].to(images.device)].to(device)
-            _, mask = saliency_mask(model, inputs, strategy, partners=paired, **settings)
+            mask = mask_batch(rows, inputs, paired)
             mask = PackedMasks.pack(mask).bits if packed else mask
             masks[index.to(images.device)] = mask.to(images.device)
     finally:
         model.train(was_training)
     masks = gather_rows(masks, len(images))
     return PackedMasks(masks, width) if packed else masks
+
+
+def compute_masks(
+    model: nn.Module,
+    images: torch.Tensor,
+    strategy: str,
+    *,
+    batch_size: int,
+    partners: torch.Tensor | None = None,
+    desc: str = "masking",
+    packed: bool = False,
+    **settings,
+) -> torch.Tensor | PackedMasks:
+    """Masks for a whole uint8 image tensor from a frozen model (see ``masks_by_batch``); ``settings`` as
+    for ``saliency_mask``. The decisive extent tests each image against its partner, of another class
+    (``partners``: indices into ``images``, from ``other_class_partners``)."""
+    decisive = settings.get("extent") == "decisive"
+    check(partners is not None or not decisive, "the decisive mask extent needs each image's partner")
+
+    def mask_batch(rows: torch.Tensor, inputs: torch.Tensor, paired: torch.Tensor | None) -> torch.Tensor:
+        return saliency_mask(model, inputs, strategy, partners=paired, **settings)[1]
+
+    partners = partners if decisive else None
+    return masks_by_batch(
+        model, images, mask_batch, batch_size=batch_size, partners=partners, desc=desc, packed=packed
+    )
 
 
 def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -125,6 +126,11 @@ class Run:
         if c.get("dry_run"):  # one epoch of each stage: checks the set-up in seconds
             self.erm_epochs, self.finetune_epochs = 1, min(self.finetune_epochs, 1)
 
+    @cached_property
+    def mask_partners(self) -> torch.Tensor:
+        """For each training image, the image of another class that decisive masks are tested against."""
+        return other_class_partners(self.train_labels, stream(self.config["seed"], "mask_partners"))
+
     def path(self, name: str) -> str:
         return os.path.join(self.config["checkpoint_dir"], f"{self.prefix}_{name}.pt")
 
@@ -206,8 +212,7 @@ class Run:
                 self.train_images,
                 c["masking"],
                 batch_size=c["eval_batch_size"],
-                labels=self.train_labels,
-                generator=stream(c["seed"], "mask_partners"),
+                partners=self.mask_partners,
                 multilabel=self.train_labels.is_floating_point(),
                 amp=c["amp"],
                 packed=True,
@@ -220,7 +225,7 @@ class Run:
                     self.train_images,
                     masks,
                     self.train_labels,
-                    other_class_partners(self.train_labels, stream(c["seed"], "mask_partners")),
+                    self.mask_partners,
                     c["mask_consensus"],
                     batch_size=c["eval_batch_size"],
                     multilabel=self.train_labels.is_floating_point(),
@@ -382,12 +387,12 @@ class WhyFigure:
         )
         self.shown_index = torch.randperm(len(self.shown), generator=stream(c["seed"], "erm"))[:8]
         self.shown_images = self.shown.images[self.shown_index].to(run.device)
-        # decisive integrated maps start from the partner each mask was tested against (the same draw as
-        # masks_of); the test images have none, so theirs start from the zero input
+        # decisive integrated maps start from the partner each mask was tested against; the test images
+        # have none, so theirs start from the zero input
         erm_baselines = None
         if c["mask_extent"] == "decisive":
-            partners = other_class_partners(run.train_labels, stream(c["seed"], "mask_partners"))
-            erm_baselines = run.train_images[partners[self.examples].to(run.train_images.device)]
+            partners = run.mask_partners[self.examples]
+            erm_baselines = run.train_images[partners.to(run.train_images.device)]
         self.erm_heatmaps = self.heatmaps(erm_model, run.train_images[self.examples], erm_baselines)
         self.erm_shown_heatmaps = self.heatmaps(erm_model, self.shown_images)
 

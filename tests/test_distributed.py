@@ -12,7 +12,7 @@ from conftest import ROOT, child_env
 from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.datasets import experiment_data
 from masktune.device import prepare_model
-from masktune.masking import compute_masks, mask_settings
+from masktune.masking import compute_masks, mask_settings, other_class_partners
 from masktune.pipeline import masks_sha1
 from masktune.seeds import stream
 from models import VGGWithAttention
@@ -62,8 +62,7 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         train.images,
         config["masking"],
         batch_size=64,
-        labels=train.labels,
-        generator=stream(config["seed"], "mask_partners"),
+        partners=other_class_partners(train.labels, stream(config["seed"], "mask_partners")),
         **mask_settings(config),
         amp=config["amp"],
         packed=True,

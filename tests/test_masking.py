@@ -106,6 +106,11 @@ def test_integrated_saliency_is_the_logit_change_from_the_baseline_per_pixel():
     )
 
 
+def partners_of(labels: torch.Tensor) -> torch.Tensor:
+    """Each image's partner of another class, drawn as compute_masks' callers draw them."""
+    return other_class_partners(labels, torch.Generator().manual_seed(0))
+
+
 def two_class_images(n: int, region: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of ``region``'s size whose ``region`` is bright (class 0) or dark (class 1); mid-grey noise
     elsewhere."""
@@ -127,15 +132,22 @@ def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size
     model = LinearModel(weight)
     images, labels = two_class_images(40, corner)
     masks = compute_masks(
-        model, images, "gradient", batch_size=16, labels=labels, extent="decisive", smoothing=0
+        model, images, "gradient", batch_size=16, partners=partners_of(labels), extent="decisive", smoothing=0
     )
     assert (masks == corner).all()
 
 
 def linear_decisive_masks(weight: torch.Tensor, images, labels, **settings) -> torch.Tensor:
     """The decisive masks of ``LinearModel(weight)`` on ``images`` (gradient map, default smoothing)."""
+    partners = partners_of(labels)
     return compute_masks(
-        LinearModel(weight), images, "gradient", batch_size=16, labels=labels, extent="decisive", **settings
+        LinearModel(weight),
+        images,
+        "gradient",
+        batch_size=16,
+        partners=partners,
+        extent="decisive",
+        **settings,
     )
 
 
@@ -215,9 +227,8 @@ def test_the_class_consensus_hides_a_still_shortcut_whole_where_it_decides():
     masks[ones[:4]] = block
     consensus, _ = masking.class_consensus(PackedMasks.pack(masks), labels, 0.5)
     assert torch.equal(consensus[0], frame) and torch.equal(consensus[1], block)
-    partners = other_class_partners(labels, torch.Generator().manual_seed(0))
     joined = masking.add_consensus(
-        LinearModel(weight), images, PackedMasks.pack(masks), labels, partners, 0.5, batch_size=8
+        LinearModel(weight), images, PackedMasks.pack(masks), labels, partners_of(labels), 0.5, batch_size=8
     )[:]
     assert (joined[zeros] == frame).all()
     assert torch.equal(joined[ones], masks[ones])
@@ -257,10 +268,10 @@ def test_the_decisive_extent_masks_nothing_where_the_whole_image_decides():
     model = LinearModel(weight)
     images, labels = two_class_images(40, everywhere)
     masks = compute_masks(
-        model, images, "gradient", batch_size=16, labels=labels, extent="decisive", smoothing=0
+        model, images, "gradient", batch_size=16, partners=partners_of(labels), extent="decisive", smoothing=0
     )
     assert not masks.any()
-    with pytest.raises(UserError, match="needs the images' labels"):
+    with pytest.raises(UserError, match="needs each image's partner"):
         compute_masks(model, images, "gradient", batch_size=16, extent="decisive")
 
 
