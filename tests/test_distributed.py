@@ -12,7 +12,7 @@ from conftest import ROOT, child_env
 from masktune.checkpoint import load_checkpoint, load_weights
 from masktune.datasets import experiment_data
 from masktune.device import prepare_model
-from masktune.masking import compute_masks, mask_settings, other_class_partners
+from masktune.masking import add_consensus, compute_masks, mask_settings, other_class_partners
 from masktune.pipeline import masks_sha1
 from masktune.seeds import stream
 from models import VGGWithAttention
@@ -57,15 +57,27 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         channels_last=state["config"]["channels_last"],
     )
     config = state["config"]
+    partners = other_class_partners(train.labels, stream(config["seed"], "mask_partners"))
     masks = compute_masks(
         model,
         train.images,
         config["masking"],
         batch_size=64,
-        partners=other_class_partners(train.labels, stream(config["seed"], "mask_partners")),
+        partners=partners,
         **mask_settings(config),
         amp=config["amp"],
         packed=True,
+    )
+    assert config["mask_consensus"] > 0  # the default: each class's consensus is added, as Run.masks_of does
+    masks = add_consensus(
+        model,
+        train.images,
+        masks,
+        train.labels,
+        partners,
+        config["mask_consensus"],
+        batch_size=64,
+        amp=config["amp"],
     )
     assert masks_sha1(masks) == summary["masks_sha1"]
     finetuned = load_checkpoint(str(tmp_path / "ckpt" / "vgg_finetuned.pt"))

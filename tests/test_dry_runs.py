@@ -35,7 +35,7 @@ def test_the_vgg_scripts_and_the_results_table(tmp_path, cifar_dir):
     for name in ("metrics.json", "selective.json", "why.png", "risk_coverage.png"):
         assert os.path.getsize(tmp_path / "out" / name) > 0, name
     table = run_here("collect_results.py", f"{tmp_path}/out", "--targets")
-    method = "integrated, decisive, completed first, shared 0.5, 2 rounds, shuffle_union"
+    method = "integrated, decisive, completed first, shared 0.5, consensus 0.3, 2 rounds, shuffle_union"
     assert "| ERM |" in table and f"| MaskTune, {method} |" in table
     assert f"| MaskTune, round 1 ({method}) |" in table  # mask_rounds=1's
     assert "worst group - ERM's >= 30" in table and "AURC x 100" in table
@@ -121,8 +121,8 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
 
 @pytest.mark.slow
 def test_the_class_consensus_only_adds_to_the_masks(tmp_path, cifar_dir):
-    """From the same ERM model, ``mask_consensus`` keeps every pixel of the decisive masks and may add to
-    them; the run records the share it used."""
+    """From the same ERM model, ``mask_consensus`` (on by default) keeps every pixel of the decisive masks
+    and may add to them; the run records the share it used."""
     args = [
         f"--data_dir={cifar_dir}",
         *SMALL,
@@ -130,9 +130,11 @@ def test_the_class_consensus_only_adds_to_the_masks(tmp_path, cifar_dir):
         "--mask_class_share=0",
         "--controls=False",
     ]
-    run_here("vgg.py", *args, f"--checkpoint_dir={tmp_path}/a", f"--out_dir={tmp_path}/a")
+    run_here(
+        "vgg.py", *args, "--mask_consensus=0", f"--checkpoint_dir={tmp_path}/a", f"--out_dir={tmp_path}/a"
+    )
     erm = [f"--erm_dir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/b", f"--out_dir={tmp_path}/b"]
-    run_here("vgg.py", *args, *erm, "--mask_consensus=0.3")
+    run_here("vgg.py", *args, *erm)
     alone, joined = (json.load(open(tmp_path / r / "summary.json")) for r in ("a", "b"))
     assert joined["config"]["mask_consensus"] == 0.3
     assert joined["masked_fraction"] >= alone["masked_fraction"]
