@@ -32,12 +32,12 @@ How much of a map is masked (``mask_extent``):
              (MNIST's black) is too common to grow through. With ``complete_first`` (the scripts' default)
              each candidate region is completed before the test, so that the test judges the region the
              mask will hide: a large marker whole, rather than its blurred core beside the partner's marker.
-  consensus  (``mask_consensus``, 0.3 by default; ``add_consensus``) each class's
-             consensus, the pixels hidden on at least that share of its masked images, is tested on every
-             image of the class with the decisive test and added where it decides. A still shortcut larger
-             than any top region (the frame: 34% of the image) is hidden a part at a time on a third of
-             the images; the parts agree, and the consensus hides more of it (seed 0: 59% of the frame
-             at 0.3, 22% without). A moving marker or objects in different places leave no consensus.
+  consensus  (``mask_consensus``, 0.3 by default; ``add_consensus``) each class's consensus, the pixels
+             hidden on at least that share of its masked images, is tested on every image of the class
+             with the decisive test and added where it decides. A still shortcut larger than any top
+             region (the frame: 34% of the image) is hidden a part at a time on a third of the images;
+             the parts agree, and the consensus hides more of it (seed 0: 59% of the frame at 0.3, 22%
+             without). A moving marker or objects in different places leave no consensus.
   rounds     (``mask_rounds`` > 1, off by default; ``pipeline.Run.masks``) fine-tune on the masks, then add
              the fine-tuned model's masks: what it learned in place of the masked pixels (a large marker's
              rim). ``mask_round_reach`` keeps only the added pixels near the masks so far
