@@ -18,9 +18,11 @@ def _mps_available() -> bool:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; a named device must exist here."""
+    """``auto`` picks cuda, then mps, then cpu; a named device must exist here. On the CPU, denormal floats
+    are flushed to zero: a loss near 0 gives denormal gradients, each many times slower to multiply on x86
+    (a fine-tune epoch on a learned marker: 5 s instead of 0.2 s), and too small to change a weight."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -29,6 +31,8 @@ def pick_device(name: str) -> torch.device:
     check(available.get(device.type, False), f"device {name!r} is not available on this machine")
     if device.type == "cuda" and device.index is not None:
         check(device.index < torch.cuda.device_count(), f"device {name!r} does not exist here")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
     return device
 
 
