@@ -73,7 +73,7 @@ group_csv = ""  # image folders: group labels of validation and test images (col
 group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded images kept as tensors for the next run
 # a shortcut planted in the training and validation images of classes (see shortcuts.py), as vgg.py does
-shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene" or "colour_cast"
+shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene", "grain" or "colour_cast"
 shortcut_ratio = 0.95  # fraction of each class's training images carrying their own class's marker
 shortcut_size = 8  # marker side, frame width, shrunk object side (8 of 64 pixels: vgg.py's 4 of 32)
 shortcut_position = "top_left"  # a fixed marker's corner

@@ -52,7 +52,7 @@ group_column = "group"  # the group_csv column holding the group
 cache_dir = ""  # e.g. data/cache: decoded image files kept as tensors for the next run
 dry_run = False  # 512 training and 256 test images, one epoch of each stage: checks the set-up in seconds
 # planted shortcut (see shortcuts.py): a marker tied to the class on most training images
-shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene" or "colour_cast"
+shortcut = ""  # "" (none), "square", "moving_square", "shape", "frame", "scene", "grain" or "colour_cast"
 shortcut_ratio = 0.95  # fraction of each class's training images carrying their own class's marker
 shortcut_size = 4  # side of the marker, width of the frame, side of the shrunk object (scene)
 shortcut_position = "top_left"  # where a fixed marker sits: top_left, top_right, bottom_left, bottom_right

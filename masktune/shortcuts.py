@@ -11,6 +11,9 @@ Kinds (``shortcut``); ``shortcut_size`` is the marker's side, the frame's width 
   scene          Waterbirds-like: every image shrunk to ``shortcut_size`` pixels and shown in the centre of a
                  scene: the surroundings of another real photo of the marker's class, at half resolution
                  (``base_images`` shrinks the objects; the clean images show them on plain grey)
+  grain          every pixel brightened or darkened by ``GRAIN_AMPLITUDE`` in a fixed pattern, one per
+                 class, as a camera's sensor leaves its own noise on every photo: not local, so no mask can
+                 remove it (the development kind of a whole-image shortcut)
   colour_cast    the whole image tinted towards the class's colour (``CAST_STRENGTH``): not local, so no mask
                  can remove it
 Which images carry which marker (``shortcut_classes``):
@@ -34,9 +37,10 @@ from masktune.images import ImageSet
 from masktune.metrics import shortcut_metrics
 from masktune.seeds import stream
 
-KINDS = ("square", "moving_square", "shape", "frame", "scene", "colour_cast")
+KINDS = ("square", "moving_square", "shape", "frame", "scene", "grain", "colour_cast")
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
 TEXTURE_TILE = 4  # side of the tile a frame's texture repeats
+GRAIN_AMPLITUDE = 16  # grain: each pixel moves this far (of 255) up or down, in every channel
 CAST_STRENGTH = 0.25  # colour_cast: each pixel moves this far towards the class's colour
 SCENE_GREY = 128  # scene: the background of the clean images
 
@@ -85,6 +89,14 @@ def frame_textures(num_markers: int, height: int, width: int) -> torch.Tensor:
     tiles = shape_patterns(num_markers, TEXTURE_TILE).to(torch.uint8) * 255
     reps = (-(-height // TEXTURE_TILE), -(-width // TEXTURE_TILE))
     return tiles.repeat(1, *reps)[:, None, :height, :width].expand(-1, 3, -1, -1)
+
+
+def grain_patterns(num_markers: int, height: int, width: int) -> torch.Tensor:
+    """Each class's grain: +-``GRAIN_AMPLITUDE`` at random per pixel, the same in every channel, drawn once
+    from a fixed seed: int16 (M, 1, H, W)."""
+    generator = torch.Generator().manual_seed(54321)
+    signs = torch.randint(0, 2, (num_markers, 1, height, width), generator=generator) * 2 - 1
+    return (signs * GRAIN_AMPLITUDE).to(torch.int16)
 
 
 def object_box(height: int, width: int, size: int) -> tuple[slice, slice]:
@@ -144,7 +156,12 @@ def stamp(
     on = (marker >= 0).nonzero().flatten()
     out = images.clone()
     num_markers = max(int(marker.max()) + 1, 1)
-    if kind in ("frame", "scene", "colour_cast"):  # whole-image kinds: composed over every marked image
+    if kind in (
+        "frame",
+        "scene",
+        "grain",
+        "colour_cast",
+    ):  # whole-image kinds: composed over every marked image
         if kind == "frame":
             check(2 * size < min(height, width), "a frame needs 2 * shortcut_size below the image side")
             where = frame_region(height, width, size)
@@ -155,6 +172,9 @@ def stamp(
             inside = torch.zeros(height, width, dtype=torch.bool)
             inside[object_box(height, width, size)] = True
             marked = torch.where(inside, images[on], backgrounds)
+        elif kind == "grain":
+            grain = grain_patterns(num_markers, height, width)[marker[on]]
+            marked = (images[on].to(torch.int16) + grain).clamp(0, 255).byte()
         else:
             colour = palette(num_markers)[marker[on]].float()[:, :, None, None]
             blend = (1 - CAST_STRENGTH) * images[on].float() + CAST_STRENGTH * colour

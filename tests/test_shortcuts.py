@@ -10,6 +10,7 @@ from conftest import run_here, write_cifar_pickles, write_mnist
 from masktune.datasets import experiment_data
 from masktune.images import ImageSet
 from masktune.shortcuts import (
+    GRAIN_AMPLITUDE,
     base_images,
     evaluation_sets,
     marker_coverage,
@@ -282,6 +283,21 @@ def test_a_frame_is_a_class_texture_on_the_border_only():
     assert not torch.equal(out[0], out[1])  # one texture per class
     texture = out[0, 0][border]
     assert 0.3 < (texture == 255).float().mean() < 0.7  # a texture of both colours, not a colour
+
+
+def test_grain_moves_every_pixel_up_or_down_in_a_fixed_pattern_per_class():
+    images = torch.full((4, 3, 16, 16), 100, dtype=torch.uint8)
+    images[3] = 250  # near white: the grain is clipped there, not wrapped around
+    out = stamp(images, torch.tensor([0, 0, 1, 1]), dict(CONFIG, shortcut="grain"), torch.Generator())
+    change = out.int() - images.int()
+    assert set(change[:3].unique().tolist()) == {-GRAIN_AMPLITUDE, GRAIN_AMPLITUDE}  # every pixel, both ways
+    assert torch.equal(change[0], change[1]) and not torch.equal(change[1], change[2])  # one per class
+    assert torch.equal(change[:, 0], change[:, 2])  # the same in every channel: grey, not colour
+    assert out[3].max() == 255 and torch.equal(change[3][change[2] < 0], change[2][change[2] < 0])
+    unmarked = stamp(
+        images, torch.tensor([-1, -1, -1, -1]), dict(CONFIG, shortcut="grain"), torch.Generator()
+    )
+    assert torch.equal(unmarked, images)
 
 
 def test_a_colour_cast_moves_every_pixel_a_quarter_towards_the_class_colour():
