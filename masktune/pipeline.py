@@ -231,6 +231,7 @@ class Run:
                     multilabel=self.train_labels.is_floating_point(),
                     amp=c["amp"],
                     desc=f"{desc}, class consensus",
+                    local=c["mask_local"],
                 )
         self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
         if self.masks_dropped():

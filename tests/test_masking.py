@@ -275,6 +275,21 @@ def test_the_decisive_extent_masks_nothing_where_the_whole_image_decides():
         compute_masks(model, images, "gradient", batch_size=16, extent="decisive")
 
 
+def test_pixels_elsewhere_are_as_many_outside_the_region_spread_over_the_image():
+    regions = torch.zeros(3, 8, 8, dtype=torch.bool)
+    regions[0, :2, :2] = True  # a corner: 4 pixels outside it
+    regions[1, 4:] = True  # the bottom half: the 32 pixels of the top half
+    regions[2, 1:] = True  # 56 pixels: all 8 outside, and 48 of its own
+    elsewhere = masking.pixels_elsewhere(regions)
+    assert elsewhere.flatten(1).sum(1).tolist() == [4, 32, 56]
+    assert not (elsewhere[:2] & regions[:2]).any()
+    assert torch.equal(elsewhere[1], ~regions[1]) and elsewhere[2, 0].all()
+    corner = torch.zeros(40, 40, dtype=torch.bool)
+    corner[:4, :4] = True
+    rows = masking.pixels_elsewhere(corner[None])[0].nonzero()[:, 0]
+    assert rows.min() >= 0 and rows.max() - rows.min() > 10  # scattered, not the next row of pixels
+
+
 def test_partners_are_of_another_class():
     labels = torch.tensor([0, 0, 0, 1, 2, 2])
     partners = other_class_partners(labels, torch.Generator().manual_seed(0))
