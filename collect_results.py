@@ -57,7 +57,6 @@ def method(config: dict) -> str:
     grown = ", widened" if config.get("mask_widen") else ""
     grown += ", completed" if config.get("mask_complete") else ""
     grown += " first" if config.get("mask_complete") and config.get("mask_complete_first") else ""
-    grown += ", local" if config.get("mask_local") else ""
     grown += f", shared {config['mask_class_share']}" if config.get("mask_class_share") else ""
     grown += f", consensus {config['mask_consensus']}" if config.get("mask_consensus") else ""
     reach = f" within {config['mask_round_reach']}" if config.get("mask_round_reach") else ""

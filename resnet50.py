@@ -104,8 +104,6 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 # flat marker's rim (not a colour over a quarter of the image). The 12x12 square's val conflicting 20 -> 52%
 mask_complete_first = True  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), not its blurred core: the 12x12 square's val worst group 20 -> 27%
-mask_local = True  # decisive: no mask where as many of the map's least salient pixels decide too: a
-# shortcut over the whole image (grain, a colour cast), which no mask removes (see masking.py)
 mask_class_share = 0.5  # decisive: masks only where a region decides at least this share of some class's
 # images (a shortcut: the markers 56-99%; not a few objects: plain CIFAR-10 <= 23%), else none. masking.py
 mask_consensus = 0.3  # decisive, > 0: also each class's consensus, the pixels masked on this share of its

@@ -32,13 +32,6 @@ How much of a map is masked (``mask_extent``):
              (MNIST's black) is too common to grow through. With ``complete_first`` (the scripts' default)
              each candidate region is completed before the test, so that the test judges the region the
              mask will hide: a large marker whole, rather than its blurred core beside the partner's marker.
-  local      (``mask_local``, on by default; ``not_elsewhere``) a region that decides, a top region or a
-             class's consensus, is kept only where as many pixels elsewhere (spread over the rest of the
-             image) do not decide too. A shortcut over the whole image (a sensor's grain, a colour cast)
-             decides from any region large enough, such as a consensus of half the image: no mask can
-             remove it, and the masks would only hide the objects and teach the shortcut harder (the grain:
-             clean accuracy 39 -> 25% without this test). Such an image gets no mask from that region, and
-             its search stops. A marker, a frame or a scene has its evidence in one place.
   consensus  (``mask_consensus``, 0.3 by default; ``add_consensus``) each class's consensus, the pixels
              hidden on at least that share of its masked images, is tested on every image of the class
              with the decisive test and added where it decides. A still shortcut larger than any top
@@ -234,7 +227,6 @@ def mask_settings(config: dict) -> dict:
         widen=config.get("mask_widen", False),  # runs from before the setting did not widen
         complete=config.get("mask_complete", False),  # nor complete, nor complete first
         complete_first=config.get("mask_complete_first", False),
-        local=config.get("mask_local", False),  # nor test the least salient pixels
         quantile=config["mask_quantile"],
         num_std=config["mask_std"],
         smoothing=config["gradient_smoothing"],
@@ -287,40 +279,6 @@ def prediction_kept(
     return logits.softmax(1).gather(1, predicted[:, None])[:, 0]
 
 
-def pixels_elsewhere(regions: torch.Tensor) -> torch.Tensor:
-    """bool (B, H, W): for each region, as many pixels outside it, in one fixed random order of the pixels
-    (spread over the image, the same for every image; all of the outside and then some where a region
-    covers more than half of the image)."""
-    flat = regions.flatten(1)
-    order = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(0)).to(regions.device)
-    ranked = order[flat[:, order].to(torch.uint8).argsort(dim=1, stable=True)]  # outside first
-    chosen = torch.arange(flat.shape[1], device=regions.device) < flat.sum(1, keepdim=True)
-    return torch.zeros_like(flat).scatter_(1, ranked, chosen).view_as(regions)
-
-
-def not_elsewhere(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    partners: torch.Tensor,
-    region: torch.Tensor,
-    predicted: torch.Tensor,
-    decides: torch.Tensor,
-    multilabel: bool = False,
-    amp: bool = False,
-) -> torch.Tensor:
-    """``decides`` (B,) kept only where as many pixels elsewhere (``pixels_elsewhere``) do not decide the
-    prediction too (``region_decides``): it follows this region, not any region its size, as it would a
-    shortcut over the whole image."""
-    some = decides.nonzero().flatten()
-    if len(some) == 0:
-        return decides
-    control = pixels_elsewhere(region[some])
-    anywhere = region_decides(model, inputs[some], partners[some], control, predicted[some], multilabel, amp)
-    kept = decides.clone()
-    kept[some[anywhere]] = False
-    return kept
-
-
 def region_decides(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -356,31 +314,26 @@ def decisive_masks(
     multilabel: bool = False,
     amp: bool = False,
     complete: bool = False,
-    local: bool = False,
 ) -> torch.Tensor:
     """Per image, the smallest top region of ``cam`` (``DECISIVE_AREAS``) that the prediction follows against
     a ``partners`` image of another class (see the module docstring); no mask where none does. Each area
     is tested only on the images still without a mask, and the region replaced
     only where the region kept alone holds enough probability to pass. With ``complete`` each region is
-    completed (``complete_flat_regions``) before it is tested; with ``local`` an image whose least salient
-    pixels decide as well gets no mask, and its search stops."""
+    completed (``complete_flat_regions``) before it is tested."""
     predicted = predicted_labels(model, inputs, multilabel, amp)
     masks = torch.zeros_like(cam, dtype=torch.bool)
     open_ = torch.arange(len(cam), device=cam.device)  # the images still without a mask
     for area in DECISIVE_AREAS:
-        x, paired = inputs[open_], partners[open_]
+        x = inputs[open_]
         region = top_region(cam[open_], area)
         if complete:
             region = complete_flat_regions(region, x, cam[open_])
-        decides = region_decides(model, x, paired, region, predicted[open_], multilabel, amp)
-        closed = decides.nonzero().flatten()  # where elsewhere decides too: no mask, and no larger region
-        if local:
-            decides = not_elsewhere(model, x, paired, region, predicted[open_], decides, multilabel, amp)
-        passed = decides.nonzero().flatten()
+        passed = region_decides(model, x, partners[open_], region, predicted[open_], multilabel, amp)
+        passed = passed.nonzero().flatten()
         if len(passed):  # at its own area: twice it cost the 4x4 square and MNIST 4-10 points (validation)
             masks[open_[passed]] = region[passed]
         still_open = torch.ones(len(open_), dtype=torch.bool, device=cam.device)
-        still_open[closed] = False
+        still_open[passed] = False
         open_ = open_[still_open]
         if len(open_) == 0:
             break
@@ -432,22 +385,18 @@ def add_consensus(
     multilabel: bool = False,
     amp: bool = False,
     desc: str = "consensus",
-    local: bool = False,
 ) -> "PackedMasks":
     """``masks`` with each image's class consensus (``class_consensus`` at ``share``) added where that
     region decides the image's prediction against its partner (``region_decides``; ``partners``: indices
     into ``images``). A shortcut that sits still but is larger than any top region (a frame) is hidden a
     part at a time on a few images; where those parts agree, the consensus is the whole of it, tested on
-    every image. With ``local`` it is added only where as many pixels elsewhere do not decide too
-    (``not_elsewhere``): a consensus of half the image decides for a shortcut spread over all of it."""
+    every image."""
     regions, group = class_consensus(masks, labels, share)
 
     def joined(rows: torch.Tensor, inputs: torch.Tensor, paired: torch.Tensor) -> torch.Tensor:
         region = regions[group[rows.to(group.device)]].to(inputs.device)
         predicted = predicted_labels(model, inputs, multilabel, amp)
         decides = region_decides(model, inputs, paired, region, predicted, multilabel, amp)
-        if local:
-            decides = not_elsewhere(model, inputs, paired, region, predicted, decides, multilabel, amp)
         return masks[rows.to(masks.device)].to(inputs.device) | (region & decides[:, None, None])
 
     return masks_by_batch(model, images, joined, batch_size=batch_size, partners=partners, desc=desc)
@@ -481,7 +430,6 @@ def saliency_mask(
     widen: bool = False,
     complete: bool = False,
     complete_first: bool = False,
-    local: bool = False,
     partners: torch.Tensor | None = None,
     quantile: float = 0.75,
     num_std: float = 2.0,
@@ -498,9 +446,7 @@ def saliency_mask(
     )
     if extent == "decisive":
         check(partners is not None, "the decisive mask extent needs partner images")
-        masks = decisive_masks(
-            model, inputs, partners, cam, multilabel, amp, complete and complete_first, local
-        )
+        masks = decisive_masks(model, inputs, partners, cam, multilabel, amp, complete and complete_first)
         if widen and strategy in BOX_FILTERED:  # the rim the box filter blurred below the threshold
             masks = grow_masks(masks, smoothing_side(smoothing, inputs) // 2)
         if complete and not complete_first:

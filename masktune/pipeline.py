@@ -202,7 +202,9 @@ class Run:
 
     def masks_of(self, model: nn.Module, desc: str) -> PackedMasks:
         """The training set's masks from the frozen ``model``, with the run's masking settings; none where
-        the decisive masks cover less than ``mask_class_share`` of every class's images (see masking.py)."""
+        the decisive masks cover less than ``mask_class_share`` of every class's images (see masking.py).
+        The share is judged before each class's consensus is added: tested on every image of a class, a
+        consensus as large as a centred object decides as an object does, on many more of its images."""
         c = self.config
         if c["masking"] == "planted":  # what perfect masks would do: the upper bound of any saliency map
             masks = PackedMasks.pack(planted_pixels(self.train_set).to(self.train_images.device))
@@ -219,23 +221,22 @@ class Run:
                 desc=desc,
                 **mask_settings(c),
             )
-            if c["mask_consensus"] > 0 and c["mask_extent"] == "decisive":
-                masks = add_consensus(
-                    model,
-                    self.train_images,
-                    masks,
-                    self.train_labels,
-                    self.mask_partners,
-                    c["mask_consensus"],
-                    batch_size=c["eval_batch_size"],
-                    multilabel=self.train_labels.is_floating_point(),
-                    amp=c["amp"],
-                    desc=f"{desc}, class consensus",
-                    local=c["mask_local"],
-                )
         self.class_mask_rates = class_mask_rates(masks, self.train_labels).tolist()
         if self.masks_dropped():
             return PackedMasks.empty(*masks.shape, masks.device)  # no shortcut: the no-mask fine-tune
+        if c["masking"] != "planted" and c["mask_consensus"] > 0 and c["mask_extent"] == "decisive":
+            masks = add_consensus(
+                model,
+                self.train_images,
+                masks,
+                self.train_labels,
+                self.mask_partners,
+                c["mask_consensus"],
+                batch_size=c["eval_batch_size"],
+                multilabel=self.train_labels.is_floating_point(),
+                amp=c["amp"],
+                desc=f"{desc}, class consensus",
+            )
         return masks
 
     def masks_dropped(self) -> bool:

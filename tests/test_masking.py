@@ -131,18 +131,10 @@ def test_the_decisive_extent_masks_the_region_the_prediction_follows_at_its_size
     weight[0, :, corner], weight[1, :, corner] = 3.0, -3.0
     model = LinearModel(weight)
     images, labels = two_class_images(40, corner)
-    for local in (False, True):  # local: as many pixels elsewhere are noise the model does not read
-        masks = compute_masks(
-            model,
-            images,
-            "gradient",
-            batch_size=16,
-            partners=partners_of(labels),
-            extent="decisive",
-            smoothing=0,
-            local=local,
-        )
-        assert (masks == corner).all()
+    masks = compute_masks(
+        model, images, "gradient", batch_size=16, partners=partners_of(labels), extent="decisive", smoothing=0
+    )
+    assert (masks == corner).all()
 
 
 def linear_decisive_masks(weight: torch.Tensor, images, labels, **settings) -> torch.Tensor:
@@ -235,47 +227,11 @@ def test_the_class_consensus_hides_a_still_shortcut_whole_where_it_decides():
     masks[ones[:4]] = block
     consensus, _ = masking.class_consensus(PackedMasks.pack(masks), labels, 0.5)
     assert torch.equal(consensus[0], frame) and torch.equal(consensus[1], block)
-    for local in (False, True):  # local: the pixels elsewhere are the centre, which the model does not read
-        joined = masking.add_consensus(
-            LinearModel(weight),
-            images,
-            PackedMasks.pack(masks),
-            labels,
-            partners_of(labels),
-            0.5,
-            batch_size=8,
-            local=local,
-        )[:]
-        assert (joined[zeros] == frame).all()
-        assert torch.equal(joined[ones], masks[ones])
-
-
-def test_a_local_consensus_is_not_added_where_as_many_pixels_elsewhere_decide():
-    """A model that adds up every pixel: a shortcut over the whole image. Class 0's masks are the top five
-    rows of eight, so its consensus is 5/8 of the image: kept alone it outweighs the partner's pixels and
-    decides every image, but so do as many pixels anywhere. Without ``local`` it is added; with it, not."""
-    everywhere = torch.ones(8, 8, dtype=torch.bool)
-    weight = torch.zeros(2, 3, 8, 8)
-    weight[0], weight[1] = 0.2, -0.2
-    images, labels = two_class_images(32, everywhere)
-    masks = torch.zeros(32, 8, 8, dtype=torch.bool)
-    zeros = (labels == 0).nonzero().flatten()
-    masks[zeros[:4], :5] = True
-    joined = {
-        local: masking.add_consensus(
-            LinearModel(weight),
-            images,
-            PackedMasks.pack(masks),
-            labels,
-            partners_of(labels),
-            0.5,
-            batch_size=8,
-            local=local,
-        )[:]
-        for local in (False, True)
-    }
-    assert joined[False][zeros, :5].all() and not joined[False][zeros, 5:].any()
-    assert torch.equal(joined[True], masks)
+    joined = masking.add_consensus(
+        LinearModel(weight), images, PackedMasks.pack(masks), labels, partners_of(labels), 0.5, batch_size=8
+    )[:]
+    assert (joined[zeros] == frame).all()
+    assert torch.equal(joined[ones], masks[ones])
 
 
 def test_completion_leaves_a_background_colour_and_an_empty_mask_alone():
@@ -317,21 +273,6 @@ def test_the_decisive_extent_masks_nothing_where_the_whole_image_decides():
     assert not masks.any()
     with pytest.raises(UserError, match="needs each image's partner"):
         compute_masks(model, images, "gradient", batch_size=16, extent="decisive")
-
-
-def test_pixels_elsewhere_are_as_many_outside_the_region_spread_over_the_image():
-    regions = torch.zeros(3, 8, 8, dtype=torch.bool)
-    regions[0, :2, :2] = True  # a corner: 4 pixels outside it
-    regions[1, 4:] = True  # the bottom half: the 32 pixels of the top half
-    regions[2, 1:] = True  # 56 pixels: all 8 outside, and 48 of its own
-    elsewhere = masking.pixels_elsewhere(regions)
-    assert elsewhere.flatten(1).sum(1).tolist() == [4, 32, 56]
-    assert not (elsewhere[:2] & regions[:2]).any()
-    assert torch.equal(elsewhere[1], ~regions[1]) and elsewhere[2, 0].all()
-    corner = torch.zeros(40, 40, dtype=torch.bool)
-    corner[:4, :4] = True
-    rows = masking.pixels_elsewhere(corner[None])[0].nonzero()[:, 0]
-    assert rows.min() >= 0 and rows.max() - rows.min() > 10  # scattered, not the next row of pixels
 
 
 def test_partners_are_of_another_class():
