@@ -105,7 +105,8 @@ mask_complete = True  # decisive: grow each mask through the flat colour of its 
 mask_complete_first = True  # decisive, complete: test each candidate region completed, the region the mask
 # will hide (a large marker whole), not its blurred core: the 12x12 square's val worst group 20 -> 27%
 mask_class_share = 0.5  # decisive: masks only where a region decides at least this share of some class's
-# images (a shortcut: the markers 56-99%; not a few objects: plain CIFAR-10 <= 23%), else none. masking.py
+# images (a shortcut: the markers 56-99%; not a few objects: plain CIFAR-10 <= 23%), else none. Judged
+# before the consensus, which would let a class's centred objects pass (see masking.py)
 mask_consensus = 0.3  # decisive, > 0: also each class's consensus, the pixels masked on this share of its
 # masked images, where it decides an image's prediction: a still shortcut larger than any top region (the
 # frame's val conflicting 12 -> 44%; the squares' worst group within 2 points; 3 seeds); 0: off. masking.py

@@ -18,13 +18,15 @@ CONFIG = {
 }
 
 
-def write_run(folder: str, seed: int, masktune: dict, complete: bool, controls: bool) -> None:
+def write_run(
+    folder: str, seed: int, masktune: dict, complete: bool, controls: bool, shortcut: str = "square"
+) -> None:
     """metrics.json of one seed: ERM, MaskTune (and the no-mask control) with these test accuracies."""
     os.makedirs(os.path.join(folder, f"seed{seed}"), exist_ok=True)
     erm = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.3, "worst_group_accuracy": 0.0}
     models = {"ERM": erm, "MaskTune": masktune} | ({"no-mask control": erm} if controls else {})
     models = {m: v | {f"val_{k}": x for k, x in v.items()} for m, v in models.items()}
-    config = CONFIG | {"seed": seed, "mask_complete": complete}
+    config = CONFIG | {"seed": seed, "mask_complete": complete, "shortcut": shortcut}
     with open(os.path.join(folder, f"seed{seed}", "metrics.json"), "w") as f:
         json.dump({"models": models, "run_config": config, "machine": "a CPU"}, f)
 
@@ -49,6 +51,19 @@ def test_each_method_gets_its_own_mean_and_targets(tmp_path):
     assert f"| {completed_name} | clean - conflicting <= 3 | +2.00 | met |" in targets
     assert f"| {previous_name} | worst group - ERM's >= 30 | +10.00 | **missed** |" in targets
     assert sum("no-mask control" in line for line in targets) == 1  # only the method that trained it
+
+
+def test_a_whole_image_shortcut_is_held_to_doing_no_harm(tmp_path):
+    """No mask can remove a grain: its targets are the no-mask control's clean accuracy and worst group,
+    not the markers' gap between clean and conflicting images."""
+    folder = str(tmp_path / "grain")
+    masktune = {"clean_accuracy": 0.55, "conflicting_accuracy": 0.3, "worst_group_accuracy": 0.0}
+    write_run(folder, 0, masktune, complete=True, controls=True, shortcut="grain")
+    printed = run_here("collect_results.py", folder, "--targets")
+    targets = [line for line in printed.splitlines() if line.startswith("| cifar10-jpg, grain 4")]
+    assert any(line.endswith("| clean - no-mask control's >= -1 | -5.00 | **missed** |") for line in targets)
+    assert any(line.endswith("| worst group - no-mask control's >= 0 | +0.00 | met |") for line in targets)
+    assert not any("conflicting" in line or "ERM's" in line for line in targets)
 
 
 def test_the_erm_row_comes_from_the_method_with_the_most_seeds_and_data_can_be_renamed(tmp_path):
