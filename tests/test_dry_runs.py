@@ -122,7 +122,8 @@ def test_no_class_with_enough_masked_images_means_the_no_mask_fine_tune(tmp_path
 @pytest.mark.slow
 def test_the_class_consensus_only_adds_to_the_masks(tmp_path, cifar_dir):
     """From the same ERM model, ``mask_consensus`` (on by default) keeps every pixel of the decisive masks
-    and may add to them; the run records the share it used."""
+    and may add to them; the run records the share it used. The class shares the run reports, which
+    ``mask_class_share`` judges, are those of the images' own masks, before the consensus."""
     args = [
         f"--data_dir={cifar_dir}",
         *SMALL,
@@ -138,6 +139,7 @@ def test_the_class_consensus_only_adds_to_the_masks(tmp_path, cifar_dir):
     alone, joined = (json.load(open(tmp_path / r / "summary.json")) for r in ("a", "b"))
     assert joined["config"]["mask_consensus"] == 0.3
     assert joined["masked_fraction"] >= alone["masked_fraction"]
+    assert joined["class_mask_rates"] == alone["class_mask_rates"]
 
 
 @pytest.mark.slow

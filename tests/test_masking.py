@@ -483,3 +483,47 @@ def test_class_mask_rates_count_the_masked_images_of_each_class():
     for found in (masks, PackedMasks.pack(masks)):
         for classes in (labels, rows):
             assert class_mask_rates(found, classes).tolist() == [0.75, 0.25]
+
+
+def test_the_class_share_is_judged_before_the_consensus_is_added(monkeypatch):
+    """Each image's own masks cover 40% of class 0 and none of class 1; a consensus would cover every
+    image. Under ``mask_class_share=0.5`` the masks are dropped, and the consensus is never computed: a
+    consensus as large as a class's centred objects would pass as they do. At 0.4 the masks are kept and
+    the consensus is added."""
+    from masktune import pipeline
+    from masktune.images import ImageSet
+
+    labels = torch.arange(20) % 2
+    own = torch.zeros(20, 8, 8, dtype=torch.bool)
+    own[torch.tensor([0, 2, 4, 6]), :2, :2] = True  # 4 of class 0's 10 images
+    monkeypatch.setattr(pipeline, "compute_masks", lambda *a, **k: PackedMasks.pack(own))
+    calls = []
+
+    def everything(model, images, masks, *a, **k):
+        calls.append(True)
+        return PackedMasks.pack(torch.ones(20, 8, 8, dtype=torch.bool))
+
+    monkeypatch.setattr(pipeline, "add_consensus", everything)
+    images = ImageSet(torch.zeros(20, 3, 8, 8, dtype=torch.uint8), labels, ["a", "b"])
+    config = {
+        "device_data_gb": 0,
+        "num_epochs": 1,
+        "finetune_epochs": 1,
+        "batch_size": 4,
+        "finetune_min_steps": 0,
+        "seed": 0,
+        "masking": "integrated",
+        "eval_batch_size": 8,
+        "amp": False,
+        "mask_consensus": 0.3,
+        "mask_extent": "decisive",
+        "mask_class_share": 0.5,
+        "mask_quantile": 0.9,
+        "mask_std": 2.0,
+        "gradient_smoothing": 0.15,
+    }
+    run = pipeline.Run(config, torch.device("cpu"), images, images, images, F.cross_entropy, "vgg")
+    assert run.masks_of(nn.Identity(), "masking").fraction() == 0 and not calls
+    assert run.class_mask_rates == pytest.approx([0.4, 0.0])
+    run.config = config | {"mask_class_share": 0.4}
+    assert run.masks_of(nn.Identity(), "masking").fraction() == 1 and calls
