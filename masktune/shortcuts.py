@@ -38,6 +38,7 @@ from masktune.metrics import shortcut_metrics
 from masktune.seeds import stream
 
 KINDS = ("square", "moving_square", "shape", "frame", "scene", "grain", "colour_cast")
+WHOLE_IMAGE_KINDS = KINDS[3:]  # drawn over the whole image; the first three are tiles (``marker_tiles``)
 POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right")
 TEXTURE_TILE = 4  # side of the tile a frame's texture repeats
 GRAIN_AMPLITUDE = 16  # grain: each pixel moves this far (of 255) up or down, in every channel
@@ -156,12 +157,7 @@ def stamp(
     on = (marker >= 0).nonzero().flatten()
     out = images.clone()
     num_markers = max(int(marker.max()) + 1, 1)
-    if kind in (
-        "frame",
-        "scene",
-        "grain",
-        "colour_cast",
-    ):  # whole-image kinds: composed over every marked image
+    if kind in WHOLE_IMAGE_KINDS:  # composed over every marked image
         if kind == "frame":
             check(2 * size < min(height, width), "a frame needs 2 * shortcut_size below the image side")
             where = frame_region(height, width, size)
