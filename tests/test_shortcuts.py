@@ -207,8 +207,11 @@ def tinted_grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 
         # fine-tune's loss diverge. Its masks hide it whole, so on pure noise the fine-tune's loss is flat
         # (ln 2) whichever way the prediction leans: the tint gives it something to learn instead
         ("square", 12, 2, 200, "all", 2, tinted_grey_noise),
+        # a frame 3 pixels wide (34% of the image): on pure noise the fine-tune relearns the third of it
+        # that its masks leave (72% hidden), so the tint again gives it something else to learn
+        ("frame", 3, 2, 200, "all", 3, tinted_grey_noise),
     ],
-    ids=["square", "moving_square", "shape", "one_class_square", "large_square"],
+    ids=["square", "moving_square", "shape", "one_class_square", "large_square", "frame"],
 )
 def test_the_default_masktune_stops_following_a_planted_marker(
     tmp_path, kind, size, classes, n_train, marked, epochs, make_images
