@@ -83,3 +83,19 @@ def test_the_erm_row_comes_from_the_method_with_the_most_seeds_and_data_can_be_r
     assert "### CIFAR-10 (JPEG), square 4, ratio 0.95" in printed
     erm = next(line for line in printed.splitlines() if line.startswith("| ERM |"))
     assert erm.endswith("| 60.00 +/- 0.00 | 30.00 +/- 0.00 | 0.00 +/- 0.00 | – | 0, 1 |")
+
+
+def test_the_headline_shows_each_benchmarks_target_metric_and_the_no_mask_control(tmp_path):
+    """A marker's worst group; a grain's clean accuracy (no mask removes it: the masks must do no harm);
+    MaskTune as published only where it ran."""
+    square, grain = str(tmp_path / "square"), str(tmp_path / "grain")
+    for seed, worst in enumerate([0.4, 0.5]):
+        masktune = {"clean_accuracy": 0.7, "conflicting_accuracy": 0.6, "worst_group_accuracy": worst}
+        write_run(square, seed, masktune, complete=True, controls=True)
+    masktune = {"clean_accuracy": 0.55, "conflicting_accuracy": 0.3, "worst_group_accuracy": 0.0}
+    write_run(grain, 0, masktune, complete=True, controls=True, shortcut="grain")
+    rows = run_here("collect_results.py", square, grain, "--headline").splitlines()
+    assert rows[0] == "| benchmark (test, %) | ERM | no-mask control | MaskTune, defaults | seeds |"
+    assert "| cifar10-jpg, grain 4, ratio 0.95: clean | 60.00 | 60.00 | 55.00 | 1 |" in rows
+    square_row = "| cifar10-jpg, square 4, ratio 0.95: worst group | 0.00 +/- 0.00 | 0.00 +/- 0.00 |"
+    assert f"{square_row} 45.00 +/- 7.07 | 2 |" in rows
