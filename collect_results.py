@@ -161,6 +161,21 @@ def mean_of(runs: list[dict], model: str, metric: str) -> float:
     return 100 * mean_std([r["models"][model][metric] for r in runs])[0]
 
 
+def target_kind(name: str, shortcut: bool) -> str:
+    """Which of the issue's targets a benchmark is held to, from its name: "plain" (no shortcut), "mnist"
+    (the paper's biased MNIST), "scene", "whole_image" (no mask can remove it: the masks must do no harm) or
+    "marker"."""
+    if not shortcut:
+        return "plain"
+    if name.startswith("MNIST"):
+        return "mnist"
+    if " scene " in name:
+        return "scene"
+    if " grain " in name or " colour_cast " in name:
+        return "whole_image"
+    return "marker"
+
+
 def target_rows(name: str, runs: list[dict]) -> list[str]:
     """The issue's targets for one benchmark, measured on the test split from each method's runs but MaskTune
     as published's (the method named where there are several): what was asked, what was measured, met or
@@ -180,20 +195,21 @@ def target_rows(name: str, runs: list[dict]) -> list[str]:
     def add(target: str, value: float, met: bool) -> None:
         rows.append(f"| {name} | {target} | {value:+.2f} | {'met' if met else '**missed**'} |")
 
-    if not mine[0]["shortcut"]:
+    kind = target_kind(name, mine[0]["shortcut"])
+    if kind == "plain":
         gap = mean_of(mine, "MaskTune", "test_accuracy") - mean_of(mine, "ERM", "test_accuracy")
         add("test - ERM's >= -0.5", gap, gap >= -0.5)
         return rows
     clean, conflicting = (mean_of(mine, "MaskTune", f"{c}_accuracy") for c in ("clean", "conflicting"))
     worst = mean_of(mine, "MaskTune", "worst_group_accuracy")
-    if name.startswith("MNIST"):
+    if kind == "mnist":
         add("original (clean) >= 95", clean - 95, clean >= 95)
         add("biased (conflicting) >= 95", conflicting - 95, conflicting >= 95)
-    elif " scene " in name:
+    elif kind == "scene":
         for model, margin in (("ERM", 15), ("no-mask control", 5)):
             gap = conflicting - mean_of(mine, model, "conflicting_accuracy")
             add(f"conflicting - {model}'s >= {margin}", gap, gap >= margin)
-    elif " grain " in name or " colour_cast " in name:  # no mask can remove these: the masks must do no harm
+    elif kind == "whole_image":
         if all("no-mask control" in r["models"] for r in mine):
             gap = clean - mean_of(mine, "no-mask control", "clean_accuracy")
             add("clean - no-mask control's >= -1", gap, gap >= -1)
@@ -209,19 +225,14 @@ def target_rows(name: str, runs: list[dict]) -> list[str]:
     return rows
 
 
-def headline_metric(name: str, shortcut: bool) -> tuple[str, str]:
-    """The test metric a benchmark's targets turn on, and its label: a marker's worst group, the scene's
-    conflicting images, a whole-image shortcut's clean images (the masks must do no harm), biased MNIST's
-    biased test, plain accuracy."""
-    if not shortcut:
-        return "test_accuracy", "accuracy"
-    if name.startswith("MNIST"):
-        return "conflicting_accuracy", "biased test"
-    if " scene " in name:
-        return "conflicting_accuracy", "conflicting"
-    if " grain " in name or " colour_cast " in name:
-        return "clean_accuracy", "clean"
-    return "worst_group_accuracy", "worst group"
+# the README's metric of each kind of target, and its label
+HEADLINE_METRICS = {
+    "plain": ("test_accuracy", "accuracy"),
+    "mnist": ("conflicting_accuracy", "biased test"),
+    "scene": ("conflicting_accuracy", "conflicting"),
+    "whole_image": ("clean_accuracy", "clean"),
+    "marker": ("worst_group_accuracy", "worst group"),
+}
 
 
 def model_cell(runs: list[dict], model: str, metric: str) -> str:
@@ -244,7 +255,7 @@ def headline(runs: list[dict]) -> str:
         mine = [r for r in runs if r["benchmark"] == name]
         published = [r for r in mine if r["method"] == "as published"]
         defaults = [r for r in mine if r["method"] != "as published"]
-        metric, label = headline_metric(name, mine[0]["shortcut"])
+        metric, label = HEADLINE_METRICS[target_kind(name, mine[0]["shortcut"])]
         cells = [model_cell(defaults or published, "ERM", metric)]
         cells += [model_cell(published, "MaskTune", metric)] if published_ran else []
         cells += [model_cell(defaults, "no-mask control", metric), model_cell(defaults, "MaskTune", metric)]
