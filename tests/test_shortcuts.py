@@ -207,11 +207,8 @@ def tinted_grey_noise(labels: np.ndarray, rng: np.random.Generator, size: int = 
         # fine-tune's loss diverge. Its masks hide it whole, so on pure noise the fine-tune's loss is flat
         # (ln 2) whichever way the prediction leans: the tint gives it something to learn instead
         ("square", 12, 2, 200, "all", 2, tinted_grey_noise),
-        # a frame 3 pixels wide (34% of the image): on pure noise the fine-tune relearns the third of it
-        # that its masks leave (72% hidden), so the tint again gives it something else to learn
-        ("frame", 3, 2, 200, "all", 3, tinted_grey_noise),
     ],
-    ids=["square", "moving_square", "shape", "one_class_square", "large_square", "frame"],
+    ids=["square", "moving_square", "shape", "one_class_square", "large_square"],
 )
 def test_the_default_masktune_stops_following_a_planted_marker(
     tmp_path, kind, size, classes, n_train, marked, epochs, make_images
@@ -253,6 +250,24 @@ def test_the_default_masktune_stops_following_a_planted_marker(
     # a good part of the marker: at its own area the smallest mask (3% of the image) is less than a 6x6
     # marker (3.5%), and the smoothed map spreads it (the moving square's masks: 43% of it on average)
     assert coverage["mean"] > 0.3
+
+
+@pytest.mark.slow
+def test_the_default_masks_hide_a_good_part_of_a_frame(tmp_path):
+    """A frame 3 pixels wide (34% of the image) is larger than any top region: each image's mask hides a
+    part of it and the class's consensus adds more. Whether the fine-tune then stops following the frame is
+    not held here: on this tiny data it relearns the part left in view on some seeds and thread counts
+    (reliance 0.0 to 1.0 over seeds 0-2, 1 or 2 threads), as on CIFAR-10's frame (RESULTS.md)."""
+    data = write_cifar_pickles(str(tmp_path / "data"), 200, make_images=tinted_grey_noise, classes=2)
+    args = [f"--data_dir={data}", f"--checkpoint_dir={tmp_path}", f"--out_dir={tmp_path}", "--num_epochs=3"]
+    args += ["--batch_size=16", "--shortcut=frame", "--shortcut_size=3", "--shortcut_ratio=1.0"]
+    args += ["--augment=False", "--amp=False", "--finetune_min_steps=1", "--controls=False"]
+    out = run_here("vgg.py", *args)
+    assert (
+        "a region decides the prediction on 100.0-100.0% of a class's training images" in out
+    )  # ERM follows it
+    # seed 0 hides 72% of it, on 1 thread or 2; seeds 1 and 2: 45% and 91%
+    assert json.load(open(tmp_path / "summary.json"))["marker_coverage"]["mean"] > 0.4
 
 
 @pytest.mark.slow
