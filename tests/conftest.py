@@ -19,7 +19,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-
 def pytest_configure(config):
     """Under pytest-xdist each worker takes its share of the cores: two workers with a thread per core
     each would oversubscribe them and run slower than one."""
