@@ -263,10 +263,9 @@ def test_the_default_masks_hide_a_good_part_of_a_frame(tmp_path):
     args += ["--batch_size=16", "--shortcut=frame", "--shortcut_size=3", "--shortcut_ratio=1.0"]
     args += ["--augment=False", "--amp=False", "--finetune_min_steps=1", "--controls=False"]
     out = run_here("vgg.py", *args)
-    assert (
-        "a region decides the prediction on 100.0-100.0% of a class's training images" in out
-    )  # ERM follows it
-    # seed 0 hides 72% of it, on 1 thread or 2; seeds 1 and 2: 45% and 91%
+    every_image = "a region decides the prediction on 100.0-100.0% of a class's training images"
+    assert every_image in out  # ERM's prediction follows a region of each image: the frame, on noise
+    # seed 0 hides 72% of it, on 1 thread or 2; seeds 1 and 2: 45-46% and 91-94%
     assert json.load(open(tmp_path / "summary.json"))["marker_coverage"]["mean"] > 0.4
 
 
