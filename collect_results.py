@@ -4,7 +4,9 @@ typed by hand (as BalancingGroups' parse.py and DomainBed's collect_results.py d
 Each argument is a folder that holds runs: run_seeds.py's out_dir (seed<N>/ folders) or one vgg.py run's
 out_dir, after evaluate_vgg.py (metrics.json beside vgg.py's summary.json). Runs are grouped by benchmark
 (the data set and planted shortcut in their config) and by method (their masking settings), so the same
-folders give the same tables whichever order or launcher produced them; mean +/- std over seeds.
+folders give the same tables whichever order or launcher produced them; mean +/- std over seeds. Runs of
+one method that differ in another setting (a fine-tune's length, a learning rate) get a row each, named
+by that setting.
 
     python collect_results.py out/seeds/cifar_square out/seeds/cifar_square_published
     python collect_results.py out/seeds/*                # every benchmark, one table each
@@ -18,11 +20,15 @@ import json
 import os
 import sys
 
+from masktune.checkpoint import NOT_RUN_SETTINGS
 from masktune.console import check, install_error_hook
 from masktune.metrics import mean_std
 
 MODELS = ("ERM", "MaskTune", "MaskTune, round 1", "no-mask control", "random-mask control")
 SHIFTED = ("clean", "conflicting", "worst_group")  # a planted shortcut's columns, on val and test
+# settings in which the seeds of one experiment may differ: where its data and models are, and whether
+# the controls were trained beside MaskTune or its ERM models taken from another run
+SAME_EXPERIMENT = (*NOT_RUN_SETTINGS, "seed", "data_dir", "device_data_gb", "erm_dir", "controls")
 
 
 def benchmark(config: dict, data_names: dict) -> str:
@@ -93,9 +99,22 @@ def read_runs(folders: list[str], data_names: dict | None = None) -> list[dict]:
                     "masked": facts.get("masked_fraction"),
                     "models": metrics["models"],
                     "shortcut": bool(config.get("shortcut")),
+                    "config": config,
                 }
             )
+    name_differences(runs)
     return runs
+
+
+def name_differences(runs: list[dict]) -> None:
+    """Add to each run's method the settings in which the runs of its benchmark and method disagree (of those
+    every one of them records), so that different experiments are never averaged as seeds of one."""
+    for group in {(r["benchmark"], r["method"]) for r in runs}:
+        mine = [r for r in runs if (r["benchmark"], r["method"]) == group]
+        shared = set.intersection(*(set(r["config"]) for r in mine)) - set(SAME_EXPERIMENT)
+        differing = sorted(k for k in shared if len({json.dumps(r["config"][k]) for r in mine}) > 1)
+        for r in mine:
+            r["method"] += "".join(f", {k}={r['config'][k]}" for k in differing)
 
 
 def cell(values: list[float]) -> str:

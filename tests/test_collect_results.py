@@ -99,3 +99,23 @@ def test_the_headline_shows_each_benchmarks_target_metric_and_the_no_mask_contro
     assert "| cifar10-jpg, grain 4, ratio 0.95: clean | 60.00 | 60.00 | 55.00 | 1 |" in rows
     square_row = "| cifar10-jpg, square 4, ratio 0.95: worst group | 0.00 +/- 0.00 | 0.00 +/- 0.00 |"
     assert f"{square_row} 45.00 +/- 7.07 | 2 |" in rows
+
+
+def test_runs_of_one_method_that_differ_in_another_setting_get_a_row_each(tmp_path):
+    """Two fine-tune lengths from the same masks are two experiments, not two seeds of one: each gets its
+    own row, named by the setting they differ in; runs that differ only in their controls are seeds of one."""
+    runs = {"short": (0, 0.2, 500, False), "long": (0, 0.3, 1500, False), "rerun": (1, 0.4, 1500, True)}
+    for name, (seed, worst, steps, controls) in runs.items():
+        folder = str(tmp_path / name)
+        masktune = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.5, "worst_group_accuracy": worst}
+        write_run(folder, seed, masktune, complete=True, controls=controls)
+        path = os.path.join(folder, f"seed{seed}", "metrics.json")
+        run = json.load(open(path))
+        run["run_config"] |= {"finetune_min_steps": steps, "controls": controls}
+        json.dump(run, open(path, "w"))
+    printed = run_here("collect_results.py", *(str(tmp_path / name) for name in runs))
+    rows = {line.split(" | ")[0]: line for line in printed.splitlines() if line.startswith("| MaskTune")}
+    label = "| MaskTune, gradient, decisive, completed, shuffle_union, finetune_min_steps="
+    assert set(rows) == {f"{label}500", f"{label}1500"}
+    assert rows[f"{label}500"].endswith("| 60.00 | 50.00 | 20.00 | – | 0 |")
+    assert rows[f"{label}1500"].endswith("| 50.00 +/- 0.00 | 35.00 +/- 7.07 | – | 0, 1 |")
