@@ -6,7 +6,7 @@ out_dir, after evaluate_vgg.py (metrics.json beside vgg.py's summary.json). Runs
 (the data set and planted shortcut in their config) and by method (their masking settings), so the same
 folders give the same tables whichever order or launcher produced them; mean +/- std over seeds. Runs of
 one method that differ in another setting (a fine-tune's length, a learning rate) get a row each, named
-by that setting.
+by that setting; a seed may be there once in each.
 
     python collect_results.py out/seeds/cifar_square out/seeds/cifar_square_published
     python collect_results.py out/seeds/*                # every benchmark, one table each
@@ -100,6 +100,7 @@ def read_runs(folders: list[str], data_names: dict | None = None) -> list[dict]:
                     "models": metrics["models"],
                     "shortcut": bool(config.get("shortcut")),
                     "config": config,
+                    "path": path,
                 }
             )
     name_differences(runs)
@@ -108,13 +109,23 @@ def read_runs(folders: list[str], data_names: dict | None = None) -> list[dict]:
 
 def name_differences(runs: list[dict]) -> None:
     """Add to each run's method the settings in which the runs of its benchmark and method disagree (of those
-    every one of them records), so that different experiments are never averaged as seeds of one."""
+    every one of them records), so that different experiments are never averaged as seeds of one; a seed
+    that is there twice (a run and its rerun) is an error, not two seeds."""
     for group in {(r["benchmark"], r["method"]) for r in runs}:
         mine = [r for r in runs if (r["benchmark"], r["method"]) == group]
         shared = set.intersection(*(set(r["config"]) for r in mine)) - set(SAME_EXPERIMENT)
         differing = sorted(k for k in shared if len({json.dumps(r["config"][k]) for r in mine}) > 1)
         for r in mine:
             r["method"] += "".join(f", {k}={r['config'][k]}" for k in differing)
+    for group in {(r["benchmark"], r["method"]) for r in runs}:
+        mine = [r for r in runs if (r["benchmark"], r["method"]) == group]
+        for r in mine:
+            twins = [t["path"] for t in mine if t["seed"] == r["seed"]]
+            check(
+                len(twins) == 1,
+                f"seed {r['seed']} of {group[0]}, MaskTune {group[1]}, is there twice ({', '.join(twins)}): "
+                "pass the folder of one run of each seed",
+            )
 
 
 def cell(values: list[float]) -> str:

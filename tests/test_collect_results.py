@@ -2,8 +2,12 @@
 
 import json
 import os
+import shutil
+
+import pytest
 
 from conftest import run_here
+from masktune.console import UserError
 
 CONFIG = {
     "data_dir": "/data/cifar10-jpg",
@@ -119,3 +123,6 @@ def test_runs_of_one_method_that_differ_in_another_setting_get_a_row_each(tmp_pa
     assert set(rows) == {f"{label}500", f"{label}1500"}
     assert rows[f"{label}500"].endswith("| 60.00 | 50.00 | 20.00 | – | 0 |")
     assert rows[f"{label}1500"].endswith("| 50.00 +/- 0.00 | 35.00 +/- 7.07 | – | 0, 1 |")
+    shutil.copytree(tmp_path / "long", tmp_path / "long_again")
+    with pytest.raises(UserError, match="seed 0 of .* is there twice"):  # a rerun is not another seed
+        run_here("collect_results.py", *(str(tmp_path / name) for name in runs), str(tmp_path / "long_again"))
