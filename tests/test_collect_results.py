@@ -23,14 +23,22 @@ CONFIG = {
 
 
 def write_run(
-    folder: str, seed: int, masktune: dict, complete: bool, controls: bool, shortcut: str = "square"
+    folder: str,
+    seed: int,
+    masktune: dict,
+    complete: bool,
+    controls: bool,
+    shortcut: str = "square",
+    **settings,
 ) -> None:
-    """metrics.json of one seed: ERM, MaskTune (and the no-mask control) with these test accuracies."""
+    """metrics.json of one seed: ERM, MaskTune (and the no-mask control) with these test accuracies;
+    ``settings``: the run's other settings that differ from ``CONFIG``."""
     os.makedirs(os.path.join(folder, f"seed{seed}"), exist_ok=True)
     erm = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.3, "worst_group_accuracy": 0.0}
     models = {"ERM": erm, "MaskTune": masktune} | ({"no-mask control": erm} if controls else {})
     models = {m: v | {f"val_{k}": x for k, x in v.items()} for m, v in models.items()}
-    config = CONFIG | {"seed": seed, "mask_complete": complete, "shortcut": shortcut}
+    config = CONFIG | {"seed": seed, "mask_complete": complete, "shortcut": shortcut, "controls": controls}
+    config |= settings
     with open(os.path.join(folder, f"seed{seed}", "metrics.json"), "w") as f:
         json.dump({"models": models, "run_config": config, "machine": "a CPU"}, f)
 
@@ -77,12 +85,8 @@ def test_the_erm_row_comes_from_the_method_with_the_most_seeds_and_data_can_be_r
     masktune = {"clean_accuracy": 0.7, "conflicting_accuracy": 0.6, "worst_group_accuracy": 0.4}
     for seed in (0, 1):
         write_run(defaults, seed, masktune, complete=True, controls=True)
-    write_run(published, 0, masktune, complete=True, controls=False)
-    with open(os.path.join(published, "seed0", "metrics.json")) as f:
-        run = json.load(f)
-    run["run_config"] |= {"masking": "xgradcam", "mask_fill": "black", "finetune_min_steps": 0}
-    with open(os.path.join(published, "seed0", "metrics.json"), "w") as f:
-        json.dump(run, f)
+    published_settings = {"masking": "xgradcam", "mask_fill": "black", "finetune_min_steps": 0}
+    write_run(published, 0, masktune, complete=True, controls=False, **published_settings)
     printed = run_here("collect_results.py", published, defaults, "--data_name=cifar10-jpg:CIFAR-10 (JPEG)")
     assert "### CIFAR-10 (JPEG), square 4, ratio 0.95" in printed
     erm = next(line for line in printed.splitlines() if line.startswith("| ERM |"))
@@ -112,11 +116,7 @@ def test_runs_of_one_method_that_differ_in_another_setting_get_a_row_each(tmp_pa
     for name, (seed, worst, steps, controls) in runs.items():
         folder = str(tmp_path / name)
         masktune = {"clean_accuracy": 0.6, "conflicting_accuracy": 0.5, "worst_group_accuracy": worst}
-        write_run(folder, seed, masktune, complete=True, controls=controls)
-        path = os.path.join(folder, f"seed{seed}", "metrics.json")
-        run = json.load(open(path))
-        run["run_config"] |= {"finetune_min_steps": steps, "controls": controls}
-        json.dump(run, open(path, "w"))
+        write_run(folder, seed, masktune, complete=True, controls=controls, finetune_min_steps=steps)
     printed = run_here("collect_results.py", *(str(tmp_path / name) for name in runs))
     rows = {line.split(" | ")[0]: line for line in printed.splitlines() if line.startswith("| MaskTune")}
     label = "| MaskTune, gradient, decisive, completed, shuffle_union, finetune_min_steps="
