@@ -36,6 +36,7 @@ def test_two_process_gloo_run_matches_single_process_masking(cifar_dir, tmp_path
         "--eval_batch_size=64",
         "--val_fraction=0.2",
         "--device=cpu",
+        "--finetune_epochs=1",
         "--finetune_min_steps=0",
     ]
     env = child_env(OMP_NUM_THREADS="1")

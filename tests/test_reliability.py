@@ -31,6 +31,7 @@ TINY = [
     "--batch_size=16",
     "--eval_batch_size=100",
     "--val_fraction=0.2",
+    "--finetune_epochs=1",
     "--finetune_min_steps=0",
 ]
 # a seeded run repeats bit for bit on the CPU; on CUDA, cuDNN's autotuned kernels need not (an H200 gave

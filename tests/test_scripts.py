@@ -19,6 +19,7 @@ FAST = [
     "--batch_size=32",
     "--eval_batch_size=128",
     "--val_fraction=0.2",
+    "--finetune_epochs=1",
     "--finetune_min_steps=0",
 ]
 

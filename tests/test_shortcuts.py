@@ -234,6 +234,7 @@ def test_the_default_masktune_stops_following_a_planted_marker(
         "--augment=False",
         "--amp=False",
         "--eval_batch_size=200",
+        "--finetune_epochs=1",  # the length of the fine-tune these outcomes were set on
         "--finetune_min_steps=30",
     ]
     run_here("vgg.py", *args)
@@ -261,7 +262,8 @@ def test_the_default_masks_hide_a_good_part_of_a_frame(tmp_path):
     data = write_cifar_pickles(str(tmp_path / "data"), 200, make_images=tinted_grey_noise, classes=2)
     args = [f"--data_dir={data}", f"--checkpoint_dir={tmp_path}", f"--out_dir={tmp_path}", "--num_epochs=3"]
     args += ["--batch_size=16", "--shortcut=frame", "--shortcut_size=3", "--shortcut_ratio=1.0"]
-    args += ["--augment=False", "--amp=False", "--finetune_min_steps=1", "--controls=False"]
+    args += ["--augment=False", "--amp=False", "--controls=False"]
+    args += ["--finetune_epochs=1", "--finetune_min_steps=1"]
     out = run_here("vgg.py", *args)
     every_image = "a region decides the prediction on 100.0-100.0% of a class's training images"
     assert every_image in out  # ERM's prediction follows a region of each image: the frame, on noise
@@ -278,6 +280,7 @@ def test_the_mnist_recipe_end_to_end(tmp_path):
         f"--checkpoint_dir={tmp_path}",
         f"--out_dir={tmp_path}",
         "--num_epochs=2",
+        "--finetune_epochs=1",
         "--finetune_min_steps=0",
         "--controls=False",
     ]
