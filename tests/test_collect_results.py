@@ -65,6 +65,18 @@ def test_each_method_gets_its_own_mean_and_targets(tmp_path):
     assert sum("no-mask control" in line for line in targets) == 1  # only the method that trained it
 
 
+def test_the_no_mask_control_is_compared_on_the_seeds_that_trained_it(tmp_path):
+    """Seed 0 trained the no-mask control and seed 1 did not: MaskTune's worst group is compared with the
+    control's on seed 0 alone (40 - 0), not as the mean over both seeds (30), and the seed is named."""
+    folder = str(tmp_path / "square")
+    for seed, worst, controls in ((0, 0.4, True), (1, 0.2, False)):
+        masktune = {"clean_accuracy": 0.7, "conflicting_accuracy": 0.7, "worst_group_accuracy": worst}
+        write_run(folder, seed, masktune, complete=True, controls=controls)
+    printed = run_here("collect_results.py", folder, "--targets")
+    assert "| worst group - ERM's >= 30 | +30.00 | met |" in printed  # both seeds: (40 + 20) / 2 - 0
+    assert "| worst group - no-mask control's >= 0 (seed 0) | +40.00 | met |" in printed
+
+
 def test_a_whole_image_shortcut_is_held_to_doing_no_harm(tmp_path):
     """No mask can remove a grain: its targets are the no-mask control's clean accuracy and worst group,
     not the markers' gap between clean and conflicting images."""
