@@ -137,8 +137,8 @@ def cell(values: list[float]) -> str:
 
 def rows_of(runs: list[dict]) -> list[tuple[str, list[dict], str]]:
     """(row label, runs, model): ERM once (from the runs of the method with the most seeds: the others reuse
-    its ERM models or train the same ones), then each method's MaskTune and the other models its runs all
-    trained (round 1 of mask_rounds > 1, the controls)."""
+    its ERM models or train the same ones), then each method's MaskTune and the other models its runs
+    trained (round 1 of mask_rounds > 1, the controls), each over the seeds that trained it."""
     methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "as published", m))
     seeded = max(methods, key=lambda m: sum(r["method"] == m for r in runs))  # the first of the largest
     rows = [("ERM", [r for r in runs if r["method"] == seeded], "ERM")]
@@ -146,8 +146,9 @@ def rows_of(runs: list[dict]) -> list[tuple[str, list[dict], str]]:
         mine = [r for r in runs if r["method"] == m]
         rows.append((f"MaskTune, {m}", mine, "MaskTune"))
         for model in MODELS[2:]:
-            if all(model in r["models"] for r in mine):
-                rows.append((f"{model} ({m})", mine, model))
+            trained = [r for r in mine if model in r["models"]]
+            if trained:
+                rows.append((f"{model} ({m})", trained, model))
     return rows
 
 

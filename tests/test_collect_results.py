@@ -67,7 +67,8 @@ def test_each_method_gets_its_own_mean_and_targets(tmp_path):
 
 def test_the_no_mask_control_is_compared_on_the_seeds_that_trained_it(tmp_path):
     """Seed 0 trained the no-mask control and seed 1 did not: MaskTune's worst group is compared with the
-    control's on seed 0 alone (40 - 0), not as the mean over both seeds (30), and the seed is named."""
+    control's on seed 0 alone (40 - 0), not as the mean over both seeds (30), and the seed is named; the
+    control's row in the table is over seed 0."""
     folder = str(tmp_path / "square")
     for seed, worst, controls in ((0, 0.4, True), (1, 0.2, False)):
         masktune = {"clean_accuracy": 0.7, "conflicting_accuracy": 0.7, "worst_group_accuracy": worst}
@@ -75,6 +76,8 @@ def test_the_no_mask_control_is_compared_on_the_seeds_that_trained_it(tmp_path):
     printed = run_here("collect_results.py", folder, "--targets")
     assert "| worst group - ERM's >= 30 | +30.00 | met |" in printed  # both seeds: (40 + 20) / 2 - 0
     assert "| worst group - no-mask control's >= 0 (seed 0) | +40.00 | met |" in printed
+    control_row = next(line for line in printed.splitlines() if line.startswith("| no-mask control"))
+    assert control_row.endswith("| 0.00 | – | 0 |")  # its own row, over the seed that trained it
 
 
 def test_a_whole_image_shortcut_is_held_to_doing_no_harm(tmp_path):
