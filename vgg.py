@@ -99,7 +99,7 @@ mask_fill = "shuffle_union"  # "shuffle_union", "shuffle" or "swap": pixels of a
 # masking.py); "black" (the paper)
 finetune_from = "last"  # the ERM epoch (and optimizer state) the fine-tune starts from: "last" or "best"
 finetune_epochs = 5  # the paper: 1; the masked images are the model's first lesson on the objects, and five
-# epochs lift every development marker's worst group (RESULTS.md). 0: train the ERM model only
+# epochs lift every development marker's validation worst group (RESULTS.md). 0: train the ERM model only
 finetune_learning_rate = 0.01  # fine-tuning learning rate (half the ERM peak: 0.02 wrecks CIFAR-10)
 finetune_min_steps = 500  # more whole epochs until this many steps (small data sets need them)
 finetune_schedule = "linear"  # "linear": decayed to 0, ending annealed like the ERM; "constant"; "one_cycle"
